@@ -1,0 +1,5 @@
+"""Deploy: reparameterize trained models into their inference form, export them and check parity."""
+from zoo.deploy.reparam import reparameterize, count_foldable_batchnorms
+from zoo.deploy.export import export, ExportParityError, onnx_parity
+
+__all__ = ["reparameterize", "count_foldable_batchnorms", "export", "ExportParityError", "onnx_parity"]
