@@ -246,7 +246,8 @@ class NextViT(nn.Module):
             ConvNorm(s[1], s[2], 3, 1, act_layer=nn.ReLU, deploy=deploy),
             ConvNorm(s[2], s[2], 3, 2, act_layer=nn.ReLU, deploy=deploy),
         )
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        n = sum(depths)
+        dpr = [drop_path_rate * i / max(1, n - 1) for i in range(n)]  # python floats: also works on the meta device
         chs, idx = s[2], 0
         stages, self.feature_info = [], []
         for i, d in enumerate(depths):

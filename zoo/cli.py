@@ -1,0 +1,56 @@
+"""The ``zoo`` command.
+
+``zoo fit|validate|test|predict`` run the Lightning CLI on a recipe; the other subcommands are small tools. Each
+subcommand is a ``main(argv)`` function named in ``SUBCOMMANDS`` and imported only when used, so ``zoo --help``
+stays fast and a missing optional extra only affects the subcommand that needs it.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# name -> ("module:function", one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "recipes": ("zoo.recipes:main", "list the packaged training recipes"),
+    "list": ("zoo.tools:list_main", "list registered models (glob pattern, --task, --pretrained)"),
+    "info": ("zoo.tools:info_main", "print a model's config, tags and parameter count as JSON"),
+    "download": ("zoo.tools:download_main", "prefetch a released checkpoint: zoo download NAME.TAG"),
+    "export": ("zoo.tools:export_main", "export a model or checkpoint to ONNX / TorchScript / torch.export"),
+    "bench": ("zoo.bench:main", "latency / GMACs / params table, CSV/JSON and a Pareto plot"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: zoo <command> [options]", "", "training (Lightning CLI, see `zoo fit --help`):"]
+    lines += [f"  {c:<10} {c} a LightningModule from a recipe: zoo {c} -c RECIPE.yaml" for c in LIGHTNING_SUBCOMMANDS]
+    lines += ["", "tools:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd in LIGHTNING_SUBCOMMANDS:
+        from zoo.training import run_lightning_cli
+
+        run_lightning_cli([cmd, *rest])
+        return 0
+    if cmd not in SUBCOMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(cmd, [*LIGHTNING_SUBCOMMANDS, *SUBCOMMANDS], n=3)
+        print(f"zoo: unknown command {cmd!r}" + (f"; did you mean {', '.join(close)}?" if close else ""), file=sys.stderr)
+        print(_usage(), file=sys.stderr)
+        return 2
+    mod, fn = SUBCOMMANDS[cmd][0].split(":")
+    return getattr(importlib.import_module(mod), fn)(rest) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

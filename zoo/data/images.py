@@ -1,0 +1,195 @@
+"""Image-classification DataModules: the embedded ``digits`` set and ImageFolder datasets on disk."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.data.resumable import EpochSeededRandomSampler, ResumableDataLoader
+
+
+class DigitsDataModule(L.LightningDataModule):
+    """scikit-learn's bundled handwritten digits (1,797 real 8x8 images, 10 classes), upsampled to ``image_size``.
+
+    The split is fixed by ``seed`` and stratified per class (``val_fraction`` / ``test_fraction`` of each class),
+    so every run, process and DDP rank sees the same partition. Pixels are scaled to [0, 1] then normalized with
+    the dataset's own mean/std; ``in_chans`` replicates the grey channel.
+
+    Args:
+        image_size: side of the square images fed to the model (bilinear upsampling of the 8x8 originals).
+        batch_size: per-device batch size.
+        augment: random translations (+-1 original pixel) of training batches.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        seed: int = 0,
+        in_chans: int = 3,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        augment: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
+        self.seed, self.in_chans, self.augment = seed, in_chans, augment
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self._splits: dict[str, TensorDataset] | None = None
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, 1, 8, 8) / 16.0
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x.expand(-1, self.in_chans, -1, -1).contiguous()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        x = torch.tensor(data.data, dtype=torch.float32)
+        y = torch.tensor(data.target, dtype=torch.long)
+        g = torch.Generator().manual_seed(self.seed)
+        parts: dict[str, list[torch.Tensor]] = {"train": [], "val": [], "test": []}
+        for c in range(10):
+            idx = (y == c).nonzero().flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            n_test = round(len(idx) * self.test_fraction)
+            n_val = round(len(idx) * self.val_fraction)
+            parts["test"].append(idx[:n_test])
+            parts["val"].append(idx[n_test:n_test + n_val])
+            parts["train"].append(idx[n_test + n_val:])
+        images = self._images(x)
+        train_idx = torch.cat(parts["train"])
+        mean, std = images[train_idx].mean(), images[train_idx].std()
+        images = (images - mean) / std
+        self._splits = {k: TensorDataset(images[torch.cat(v)], y[torch.cat(v)]) for k, v in parts.items()}
+
+    def _loader(self, split: str) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self._splits[split], batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        self.setup()
+        ds = self._splits["train"]
+        self._train_loader = ResumableDataLoader(
+            ds, batch_size=self.batch_size, sampler=EpochSeededRandomSampler(ds, self.seed),
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
+        return self._train_loader
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            loader = getattr(self, "_train_loader", None)
+            if loader is not None:
+                loader.consumed += 1
+            if self.augment:  # done here, in training order, so it draws from the checkpointed global RNG
+                x, y = batch
+                batch = (random_shift(x, max(1, self.image_size // 8)), y)
+        return batch
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        return self._loader("test")
+
+    def predict_dataloader(self):
+        return self._loader("test")
+
+
+def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """Shift each image by up to ``max_shift`` pixels in x and y (circular; digit borders are background)."""
+    shifts = torch.randint(-max_shift, max_shift + 1, (x.shape[0], 2)).tolist()
+    return torch.stack([torch.roll(img, shifts=(dy, dx), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
+
+
+class ImageFolderDataModule(L.LightningDataModule):
+    """Real datasets laid out as ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (ImageNet style).
+
+    Transforms come from the model's default config through timm's transform factory (train: RandAugment /
+    random-resized-crop / random erasing as configured; eval: resize + center crop with ``crop_pct``). See
+    data/README.md for preparing ImageNet-1k.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        model_name: str = "nextvit_small",
+        batch_size: int = 128,
+        num_workers: int = 8,
+        input_size: Sequence[int] | None = None,
+        auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+        re_prob: float = 0.25,
+        color_jitter: float = 0.4,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(os.path.expanduser(root))
+        for split in (train_split, val_split):
+            if not (self.root / split).is_dir():
+                raise FileNotFoundError(
+                    f"ImageFolderDataModule: {self.root / split} does not exist. Lay the dataset out as "
+                    f"{self.root}/{train_split}/<class>/<image> and {self.root}/{val_split}/<class>/<image> "
+                    f"(see data/README.md)."
+                )
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split or val_split
+        self.model_name, self.input_size = model_name, input_size
+        self.auto_augment, self.re_prob, self.color_jitter = auto_augment, re_prob, color_jitter
+
+    @property
+    def num_classes(self) -> int:
+        return len([d for d in (self.root / self.train_split).iterdir() if d.is_dir()])
+
+    def _data_config(self) -> dict:
+        from zoo.registry import resolve_cfg
+
+        _, _, cfg = resolve_cfg(self.model_name)
+        return dict(
+            input_size=tuple(self.input_size or cfg.input_size), interpolation=cfg.interpolation,
+            mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct,
+        )
+
+    def _dataset(self, split: str, train: bool):
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        cfg = self._data_config()
+        extra = dict(auto_augment=self.auto_augment, re_prob=self.re_prob, color_jitter=self.color_jitter) if train else {}
+        return ImageFolder(str(self.root / split), transform=create_transform(**cfg, is_training=train, **extra))
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(split, train), batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(), drop_last=train, persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self):
+        return self._loader(self.train_split, True)
+
+    def val_dataloader(self):
+        return self._loader(self.val_split, False)
+
+    def test_dataloader(self):
+        return self._loader(self.test_split, False)
+
+    def predict_dataloader(self):
+        return self._loader(self.test_split, False)

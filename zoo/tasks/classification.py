@@ -1,0 +1,135 @@
+"""Image classification on any registered model, with timm's optimizer and scheduler factories."""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+
+class ImageClassification(L.LightningModule):
+    """Train / evaluate ``zoo.create_model(model_name, **model_args)`` on a classification DataModule.
+
+    Args:
+        model_name: any registered name (``zoo list``), optionally ``arch.tag``.
+        model_args: architecture overrides and create_model kwargs (``pretrained``, ``drop_path_rate``, ...).
+        num_classes: classifier size.
+        optimizer: timm optimizer name (``adamw``, ``sgd``, ``lamb``, ...) via ``timm.optim.create_optimizer_v2``;
+            weight decay skips norms and biases.
+        lr / weight_decay / momentum: optimizer settings. ``lr`` is the rate for ``lr_base_batch`` samples per
+            update when ``lr_base_batch`` is set (linear scaling by the global batch, as most papers state it).
+        sched: timm scheduler (``cosine``, ``step``, ``none``), stepped per update; ``warmup_epochs`` and
+            ``min_lr`` as in timm.
+        label_smoothing / mixup / cutmix: regularization (timm's Mixup + SoftTargetCrossEntropy when mixing).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "nextvit_small",
+        model_args: dict[str, Any] | None = None,
+        num_classes: int = 1000,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        lr_base_batch: int | None = None,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        sched: str = "cosine",
+        warmup_epochs: float = 0.0,
+        warmup_lr: float = 1e-6,
+        min_lr: float = 1e-6,
+        label_smoothing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
+        mixup_prob: float = 1.0,
+        compile: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        import zoo
+
+        args = dict(model_args or {})
+        self.model = zoo.create_model(model_name, num_classes=num_classes, **args)
+        if compile:
+            self.model = torch.compile(self.model)
+        self.mixup_fn = None
+        if mixup > 0 or cutmix > 0:
+            from timm.data import Mixup
+
+            self.mixup_fn = Mixup(
+                mixup_alpha=mixup, cutmix_alpha=cutmix, prob=mixup_prob, label_smoothing=label_smoothing,
+                num_classes=num_classes,
+            )
+        self.metrics = torch.nn.ModuleDict(
+            {
+                f"{split}_{k}": MulticlassAccuracy(num_classes, top_k=min(topk, num_classes))
+                for split in ("val", "test")
+                for k, topk in (("top1", 1), ("top5", 5))
+            }
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.mixup_fn is not None:
+            if x.shape[0] % 2:  # timm's Mixup pairs samples and needs an even batch
+                x, y = x[:-1], y[:-1]
+            x, soft = self.mixup_fn(x, y)
+            loss = torch.sum(-soft * F.log_softmax(self(x), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch, split: str):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        self.log(f"{split}/loss", loss, sync_dist=True)
+        for k in ("top1", "top5"):
+            m = self.metrics[f"{split}_{k}"]
+            m(logits, y)
+            self.log(f"{split}/acc_{k}" if k != "top1" else f"{split}/acc", m, prog_bar=(k == "top1"))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        return self(x).softmax(-1)
+
+    # optimizers ------------------------------------------------------------------------------------------------
+    def configure_optimizers(self):
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+
+        hp = self.hparams
+        lr = hp.lr
+        if hp.lr_base_batch:
+            global_batch = self._global_batch_size()
+            lr = hp.lr * global_batch / hp.lr_base_batch
+        opt = create_optimizer_v2(self.model, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, momentum=hp.momentum)
+        if hp.sched in (None, "none", ""):
+            return opt
+        epochs = max(1, self.trainer.max_epochs or 1)
+        updates_per_epoch = max(1, self.trainer.estimated_stepping_batches // epochs)
+        sched, _ = create_scheduler_v2(
+            opt, sched=hp.sched, num_epochs=epochs, warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric):
+        # timm schedulers are stepped by update count, not by torch's LRScheduler API.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def _global_batch_size(self) -> int:
+        dm = self.trainer.datamodule
+        per_device = getattr(dm, "batch_size", None) or 1
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
