@@ -1,0 +1,639 @@
+"""Config-driven hybrid decoder-only language model (the shared core of LFM2 and later hybrid families).
+
+Every layer is ``x + Op(RMSNorm(x))`` followed by ``x + SwiGLU(RMSNorm(x))``; the token mixer ``Op`` of layer *i* is
+``OPERATORS[config.layer_types[i]]``. Two operators are built in:
+
+* ``"conv"`` -- LFM2's gated short convolution (``in_proj`` -> B, C, x; ``y = B * x``; causal depthwise conv of
+  length ``conv_L_cache`` over ``y``; ``out_proj(C * conv(y))``);
+* ``"full_attention"`` -- grouped-query attention with per-head RMSNorm on q and k applied before RoPE.
+
+A new operator is one ``nn.Module`` decorated with :func:`register_operator` (constructor ``(config, layer_idx)``,
+``forward(x, ctx)``, optional per-layer decode state kept in ``ctx.cache.layers[layer_idx]``) plus its name in
+``layer_types``. Module and parameter names follow transformers' ``Lfm2ForCausalLM`` (``model.layers.N.conv.in_proj``,
+``model.layers.N.self_attn.q_layernorm``, ``model.embedding_norm``, ...), so Hugging Face checkpoints load without
+renaming.
+
+Decoding uses :class:`HybridCache`: a fixed window of the last ``L-1`` conv inputs for every conv layer and a growing
+key/value buffer for every attention layer. Padding must be on the left; padded positions are zeroed before they
+enter a conv window and are masked as attention keys, so a padded batch decodes exactly like its rows one by one.
+
+This module needs only PyTorch; the transformers classes are in :mod:`zoo.language.lfm2`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "HybridConfig", "HybridCache", "HybridDecoder", "HybridLM", "OPERATORS", "register_operator",
+    "RMSNorm", "SwiGLU", "ShortConv", "GQAttention", "ContextLengthError",
+]
+
+
+class ContextLengthError(ValueError):
+    """A sequence does not fit the model's configured context (``max_position_embeddings``)."""
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class HybridConfig:
+    """Architecture of a hybrid decoder. ``intermediate_size`` is the *effective* SwiGLU width (no auto-adjust here)."""
+
+    vocab_size: int = 65536
+    hidden_size: int = 1024
+    layer_types: tuple[str, ...] = ("conv", "conv", "full_attention")
+    intermediate_size: int = 4608
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    head_dim: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 1_000_000.0
+    conv_L_cache: int = 3
+    conv_bias: bool = False
+    max_position_embeddings: int = 128_000
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 0
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 7
+    extra: dict[str, Any] = field(default_factory=dict)  # operator-specific settings of later operators
+
+    def __post_init__(self):
+        self.layer_types = tuple(self.layer_types)
+        if not self.layer_types:
+            raise ValueError("HybridConfig.layer_types is empty: give one operator name per layer")
+        unknown = sorted({t for t in self.layer_types if t not in OPERATORS})
+        if unknown:
+            raise ValueError(
+                f"unknown layer type(s) {unknown} in layer_types; known operators: {sorted(OPERATORS)} "
+                f"(register new ones with zoo.language.hybrid.register_operator)"
+            )
+        if "full_attention" in self.layer_types:
+            if self.num_attention_heads % self.num_key_value_heads:
+                raise ValueError(
+                    f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                    f"num_key_value_heads={self.num_key_value_heads}"
+                )
+            if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; pass head_dim explicitly"
+                )
+        if self.conv_L_cache < 1:
+            raise ValueError(f"conv_L_cache must be >= 1, got {self.conv_L_cache}")
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return len(self.layer_types)
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+
+OPERATORS: dict[str, type[nn.Module]] = {}
+
+
+def register_operator(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make ``name`` usable in ``HybridConfig.layer_types``.
+
+    The class needs ``__init__(config, layer_idx)``, ``forward(x, ctx) -> Tensor`` and a ``module_name`` class
+    attribute (its attribute name inside the decoder layer, which fixes the checkpoint key names).
+    """
+
+    def deco(cls):
+        if name in OPERATORS and OPERATORS[name] is not cls:
+            raise ValueError(f"operator {name!r} is already registered by {OPERATORS[name].__qualname__}")
+        if not getattr(cls, "module_name", None):
+            raise ValueError(f"operator class {cls.__qualname__} needs a `module_name` class attribute")
+        OPERATORS[name] = cls
+        return cls
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class KVBuffer:
+    """Growing key/value store of one attention layer: ``[B, kv_heads, capacity, head_dim]``, amortised growth."""
+
+    def __init__(self, capacity: int = 0):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.length = 0
+        self.capacity_hint = capacity
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = k.shape[2]
+        need = self.length + t
+        if self.k is None or need > self.k.shape[2]:
+            cap = max(need, self.capacity_hint, 2 * (self.k.shape[2] if self.k is not None else 0))
+            cap = 64 * math.ceil(cap / 64)
+            nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if self.k is not None and self.length:
+                nk[:, :, : self.length] = self.k[:, :, : self.length]
+                nv[:, :, : self.length] = self.v[:, :, : self.length]
+            self.k, self.v = nk, nv
+        self.k[:, :, self.length : need] = k
+        self.v[:, :, self.length : need] = v
+        self.length = need
+        return self.k[:, :, :need], self.v[:, :, :need]
+
+    def select(self, rows: torch.Tensor) -> None:
+        if self.k is not None:
+            self.k, self.v = self.k[rows], self.v[rows]
+
+
+class HybridCache:
+    """Decode state of a hybrid decoder.
+
+    ``layers[i]`` belongs to operator *i* (a ``[B, L-1, hidden]`` window for conv layers, a :class:`KVBuffer` for
+    attention layers, whatever a future operator needs). The cache also remembers which past positions were padding
+    (``key_mask``) and the next RoPE position of every row, so callers only pass the new tokens.
+    """
+
+    def __init__(self, num_layers: int, max_length: int = 0):
+        self.layers: list[Any] = [None] * num_layers
+        self.seen = 0  # time steps consumed, padding included
+        self.key_mask: torch.Tensor | None = None  # [B, seen] bool, None while no row has padding
+        self.next_position: torch.Tensor | None = None  # [B] long
+        self.max_length = max_length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def __len__(self) -> int:
+        return self.seen
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> "HybridCache":
+        """Keep (and reorder) batch rows in place, e.g. to drop finished sequences or for beam search."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for i, st in enumerate(self.layers):
+            if isinstance(st, torch.Tensor):
+                self.layers[i] = st[rows.to(st.device)]
+            elif hasattr(st, "select"):
+                st.select(rows)
+        if self.key_mask is not None:
+            self.key_mask = self.key_mask[rows.to(self.key_mask.device)]
+        if self.next_position is not None:
+            self.next_position = self.next_position[rows.to(self.next_position.device)]
+        return self
+
+    reorder_cache = select
+
+
+@dataclass
+class ForwardContext:
+    """What every operator needs for one forward call (built once by the decoder, shared by all layers)."""
+
+    positions: torch.Tensor  # [B, T] RoPE positions of the new tokens
+    pad_mask: torch.Tensor | None  # [B, T] bool, True = real token; None = no padding among the new tokens
+    key_mask: torch.Tensor | None  # [B, past + T] bool over all keys; None = no padding anywhere
+    past: int  # time steps already in the cache
+    cache: HybridCache | None
+    _memo: dict = field(default_factory=dict)
+
+    def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of shape [B, 1, T, head_dim] (computed in fp32, cast like transformers does)."""
+        key = ("rope", head_dim, theta, dtype)
+        if key not in self._memo:
+            dev = self.positions.device
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=dev).float() / head_dim))
+            freqs = self.positions[..., None].float() * inv_freq
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+            self._memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+        return self._memo[key]
+
+    def attn_mask(self, t: int, s: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask [B|1, 1, T, S] or None, is_causal) for T new queries against S keys."""
+        key = ("mask", t, s)
+        if key not in self._memo:
+            if self.key_mask is None and (t == 1 or self.past == 0):
+                self._memo[key] = (None, t > 1)
+            else:
+                q_pos = torch.arange(s - t, s, device=device)[:, None]
+                k_pos = torch.arange(s, device=device)[None, :]
+                mask = k_pos <= q_pos  # causal, offset by the past
+                if self.key_mask is not None:
+                    # padded keys are invisible; a padded query still sees itself so no softmax row is empty
+                    mask = (mask & self.key_mask[:, None, :]) | (k_pos == q_pos)
+                    mask = mask[:, None]
+                else:
+                    mask = mask[None, None]
+                self._memo[key] = (mask, False)
+        return self._memo[key]
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class SwiGLU(nn.Module):
+    """``w2(silu(w1 x) * w3 x)``, no biases."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+@register_operator("conv")
+class ShortConv(nn.Module):
+    """LFM2 gated short convolution: ``out_proj(C * causal_dwconv_L(B * x))`` with B, C, x from one ``in_proj``."""
+
+    module_name = "conv"
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        d, k = config.hidden_size, config.conv_L_cache
+        self.layer_idx = layer_idx
+        self.kernel_size = k
+        self.in_proj = nn.Linear(d, 3 * d, bias=config.conv_bias)
+        self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, padding=k - 1, bias=config.conv_bias)
+        self.out_proj = nn.Linear(d, d, bias=config.conv_bias)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        b, c, xs = self.in_proj(x).chunk(3, dim=-1)
+        y = b * xs  # [B, T, d]
+        if ctx.pad_mask is not None:  # padding never enters the conv window
+            y = y * ctx.pad_mask[..., None].to(y.dtype)
+        t, k = y.shape[1], self.kernel_size
+        w = self.conv.weight[:, 0, :].t().to(y.dtype)  # [k, d]; w[j] multiplies y[t - (k-1) + j]
+        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
+        if k == 1:
+            window = y
+        elif state is None:
+            window = F.pad(y, (0, 0, k - 1, 0))
+        else:
+            window = torch.cat([state.to(y.dtype), y], dim=1)
+        if t == 1:
+            z = (window * w).sum(1, keepdim=True)
+        else:
+            z = window[:, :t] * w[0]
+            for j in range(1, k):
+                z = z.addcmul_(window[:, j : j + t], w[j])
+        if self.conv.bias is not None:
+            z = z + self.conv.bias.to(z.dtype)
+        if ctx.cache is not None and k > 1:
+            ctx.cache.layers[self.layer_idx] = window[:, -(k - 1):].detach().clone()
+        return self.out_proj(c * z)
+
+
+@register_operator("full_attention")
+class GQAttention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE; output projection ``out_proj``."""
+
+    module_name = "self_attn"
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        d = config.hidden_size
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attn_head_dim
+        self.rope_theta = config.rope_theta
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.q_layernorm = RMSNorm(self.head_dim, config.norm_eps)
+        self.k_layernorm = RMSNorm(self.head_dim, config.norm_eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        bsz, t, _ = x.shape
+        q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = ctx.rope(self.head_dim, self.rope_theta, q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if ctx.cache is not None:
+            if ctx.cache.layers[self.layer_idx] is None:
+                ctx.cache.layers[self.layer_idx] = KVBuffer(ctx.cache.max_length)
+            k, v = ctx.cache.layers[self.layer_idx].append(k, v)
+        mask, causal = ctx.attn_mask(t, k.shape[2], x.device)
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
+            enable_gqa=self.num_heads != self.num_kv_heads,
+        )
+        return self.out_proj(o.transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        op_cls = OPERATORS[config.layer_types[layer_idx]]
+        self.layer_type = config.layer_types[layer_idx]
+        self.op_name = op_cls.module_name
+        self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.add_module(self.op_name, op_cls(config, layer_idx))
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + getattr(self, self.op_name)(self.operator_norm(x), ctx)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class HybridDecoder(nn.Module):
+    """Embedding, the layer stack and the final ``embedding_norm`` (transformers' ``Lfm2Model`` layout)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
+            else:
+                x = layer(x, ctx)
+        return self.embedding_norm(x)
+
+
+# ---------------------------------------------------------------------------------------------- causal LM
+
+
+def _check_left_padded(mask: torch.Tensor) -> None:
+    # a 0 after a 1 in any row means right (or inner) padding, which a recurrent state cannot skip
+    if mask.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError(
+            "attention_mask has padding after real tokens: hybrid (recurrent-state) models need LEFT padding. "
+            "Pad prompts on the left (tokenizer.padding_side = 'left')."
+        )
+
+
+def build_context(
+    max_positions: int,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: HybridCache | None,
+) -> ForwardContext:
+    """Positions, padding masks and cache bookkeeping for one forward call of ``input_ids`` ([B, T] new tokens)."""
+    bsz, t = input_ids.shape[:2]
+    past = cache.seen if cache is not None else 0
+    dev = input_ids.device
+    if past + t > max_positions:
+        raise ContextLengthError(
+            f"sequence of {past + t} tokens ({past} cached + {t} new) exceeds the model's context "
+            f"max_position_embeddings={max_positions}; shorten the prompt (or build the "
+            f"model with a larger max_position_embeddings)"
+        )
+    new_mask = key_mask = None
+    if attention_mask is not None:
+        m = attention_mask.to(device=dev).bool()
+        if m.shape[0] != bsz or m.shape[1] not in (t, past + t):
+            raise ValueError(
+                f"attention_mask of shape {tuple(m.shape)} does not fit {bsz} rows of {t} new tokens after "
+                f"{past} cached ones: pass [B, {t}] (new tokens) or [B, {past + t}] (whole sequence)"
+            )
+        new_mask = m[:, -t:]
+        if m.shape[1] == past + t and past:
+            key_mask = m
+        elif past:
+            prev = cache.key_mask if cache.key_mask is not None else torch.ones(bsz, past, dtype=torch.bool, device=dev)
+            key_mask = torch.cat([prev, new_mask], dim=1)
+        else:
+            key_mask = new_mask
+        _check_left_padded(key_mask)
+        if bool(key_mask.all()):
+            new_mask = key_mask = None
+    elif cache is not None and cache.key_mask is not None:
+        key_mask = torch.cat([cache.key_mask, torch.ones(bsz, t, dtype=torch.bool, device=dev)], dim=1)
+    if position_ids is None:
+        if new_mask is None and (cache is None or cache.next_position is None):
+            position_ids = torch.arange(past, past + t, device=dev).expand(bsz, t)
+        else:
+            start = cache.next_position if cache is not None and cache.next_position is not None else None
+            if start is None:
+                start = torch.full((bsz,), past, dtype=torch.long, device=dev)
+            steps = new_mask.long() if new_mask is not None else torch.ones(bsz, t, dtype=torch.long, device=dev)
+            position_ids = (start[:, None] + steps.cumsum(1) - 1).clamp_min(0)
+    if cache is not None:
+        cache.seen = past + t
+        cache.key_mask = key_mask
+        if new_mask is not None or cache.next_position is not None:
+            cache.next_position = position_ids[:, -1] + 1
+    return ForwardContext(position_ids, new_mask, key_mask, past, cache)
+
+
+class HybridLM(nn.Module):
+    """Causal LM over a :class:`HybridDecoder`; tied embeddings unless ``config.tie_word_embeddings`` is False.
+
+    ``forward(input_ids, attention_mask=None, cache=None)`` returns logits ``[B, T, vocab]``; pass a cache from
+    :meth:`new_cache` to decode incrementally (the cache is updated in place).
+    """
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config
+        self.model = HybridDecoder(config)
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.num_features = self.head_hidden_size = config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.apply(self._init_weights)
+
+    # ----------------------------------------------------------------------------------- timm-style API
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Conv1d)):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=std)
+            if m.padding_idx is not None and m.weight.device.type != "meta":
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head if self.lm_head is not None else self.model.embed_tokens
+
+    def get_classifier(self) -> nn.Module:
+        return self.get_output_embeddings()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.grad_checkpointing = enable
+
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^model\.embed_tokens", "blocks": r"^model\.layers\.(\d+)"}
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.ndim < 2}
+
+    def new_cache(self, max_length: int = 0) -> HybridCache:
+        """An empty decode cache; ``max_length`` pre-sizes the KV buffers (they grow when needed)."""
+        return HybridCache(self.config.num_hidden_layers, max_length)
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states ``[B, T, hidden]`` (after ``embedding_norm``)."""
+        if inputs_embeds is None:
+            if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16, torch.uint8):
+                raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+            inputs_embeds = self.model.embed_tokens(input_ids)
+        ids_like = inputs_embeds[..., 0] if input_ids is None else input_ids
+        ctx = build_context(self.config.max_position_embeddings, ids_like, attention_mask, position_ids, cache)
+        return self.model(inputs_embeds, ctx)
+
+    def forward_head(self, hidden: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if pre_logits:
+            return hidden
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.model.embed_tokens.weight)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: HybridCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when > 0)."""
+        h = self.forward_features(input_ids, attention_mask, cache, position_ids, inputs_embeds)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.forward_head(h)
+
+    # ----------------------------------------------------------------------------------- generation
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        streamer: Any = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Greedy or sampled continuation, returned like transformers: ``[B, prompt + new]`` token ids.
+
+        ``attention_mask`` marks real tokens of left-padded prompts. ``streamer`` is anything with ``put(ids)`` and
+        ``end()`` (e.g. ``transformers.TextStreamer``); it gets the prompt first, then each new token as it is made.
+        Rows that produced ``eos_token_id`` are filled with ``pad_token_id`` afterwards.
+        """
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None]
+        bsz, t = input_ids.shape
+        if t == 0:
+            raise ValueError("generate() needs at least one prompt token")
+        ctx_len = self.config.max_position_embeddings
+        if t > ctx_len:
+            raise ContextLengthError(
+                f"prompt of {t} tokens is longer than the model's context max_position_embeddings={ctx_len}; "
+                f"shorten the prompt"
+            )
+        if t + max_new_tokens > ctx_len:
+            raise ContextLengthError(
+                f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
+                f"max_position_embeddings={ctx_len}; lower max_new_tokens to at most {ctx_len - t}"
+            )
+        if attention_mask is not None:
+            _check_left_padded(attention_mask.bool())
+        if eos_token_id is None:
+            eos_token_id = self.config.eos_token_id
+        eos = torch.tensor([] if eos_token_id is None else list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=input_ids.device)
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        pad = 0 if pad is None else pad
+        cache = self.new_cache(t + max_new_tokens)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        logits = self(input_ids, attention_mask, cache=cache, logits_to_keep=1)
+        out = [input_ids]
+        done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
+        for i in range(max_new_tokens):
+            nxt = self._next_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if eos.numel():
+                done |= torch.isin(nxt, eos)
+                if bool(done.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = self(nxt[:, None], cache=cache)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(out, dim=1)
+
+    @staticmethod
+    def _next_token(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if not do_sample:
+            return logits.argmax(-1)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        logits = logits / temperature
+        if top_k is not None and 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and 0 < top_p < 1:
+            sorted_logits, idx = logits.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
