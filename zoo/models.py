@@ -1,3 +1,5 @@
 """Imports every family module so its models register. Add one line per new family file."""
 import zoo.vision.nextvit  # noqa: F401
 import zoo.vision.mobiledets  # noqa: F401
+import zoo.snn.iir_snn  # noqa: F401
+import zoo.language.lfm2  # noqa: F401
