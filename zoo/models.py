@@ -3,3 +3,4 @@ import zoo.vision.nextvit  # noqa: F401
 import zoo.vision.mobiledets  # noqa: F401
 import zoo.snn.iir_snn  # noqa: F401
 import zoo.language.lfm2  # noqa: F401
+import zoo.vision.fastvit  # noqa: F401
