@@ -7,6 +7,7 @@ renamed into place only after its sha256 matched, so an interrupted or corrupted
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import pickle
@@ -96,7 +97,7 @@ def _download_url(url: str, dest: Path, source: CheckpointSource, progress: bool
                     print()
                 if total and done != total:
                     raise CheckpointError(f"interrupted download of {url}: got {done} of {total} bytes")
-        except (urllib.error.URLError, OSError, ConnectionError) as e:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # HTTPException: broken response
             if isinstance(e, CheckpointError):
                 raise
             raise CheckpointError(f"could not download {dest.name} from {url}: {e}. {_manual_hint(source, dest)}") from e
@@ -203,7 +204,10 @@ def clean_state_dict(obj: Mapping[str, Any], prefix: str | None = None) -> dict[
         for p in ("module.", "_orig_mod."):
             if k.startswith(p):
                 k = k[len(p):]
-        out[k] = v
+        out[k.replace("._orig_mod.", ".")] = v  # torch.compile'd submodule, e.g. Lightning's model._orig_mod.*
+    if not out:
+        top = ", ".join(map(str, list(obj)[:10])) if isinstance(obj, Mapping) else type(obj).__name__
+        raise CheckpointError(f"checkpoint holds no tensors to load (top-level keys: {top})")
     # Lightning task modules keep the network under `model.`; strip it when every key has it.
     strip = prefix if prefix is not None else ("model." if out and all(k.startswith("model.") for k in out) else "")
     if strip:

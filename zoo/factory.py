@@ -54,10 +54,12 @@ def load_into(
     if in_chans is not None and in_chans != 3:
         _adapt_input_channels(sd, cfg, in_chans)
     head_keys = _classifier_keys(model, cfg)
-    ck_classes = next((sd[k].shape[0] for k in head_keys if k.endswith("weight") and k in sd), None)
+    # the checkpoint's classifier keys (the model has none when num_classes=0: its head is an Identity)
+    ck_head = [k for k in sd if cfg.classifier and k.startswith(cfg.classifier + ".")]
+    ck_classes = next((sd[k].shape[0] for k in ck_head if k.endswith("weight")), None)
     model_classes = getattr(model, "num_classes", None)
-    if head_keys and ck_classes is not None and model_classes is not None and ck_classes != model_classes:
-        for k in head_keys:
+    if ck_head and ck_classes is not None and model_classes is not None and ck_classes != model_classes:
+        for k in ck_head:
             sd.pop(k, None)
         allow = head_keys
         log.warning(
@@ -65,6 +67,22 @@ def load_into(
             name, ck_classes, model_classes, cfg.classifier,
         )
     checkpoints.load_weights(model, sd, allow_missing=allow, context=f"{name} <- {where}")
+
+
+def _checkpoint_num_classes(entry, cfg: ModelCfg, raw: dict, kwargs: dict) -> int | None:
+    """Rows of the classifier weight in a checkpoint (any known layout), or None if it has no classifier."""
+    if not cfg.classifier:
+        return None
+    key = f"{cfg.classifier}.weight"
+    sd = checkpoints.clean_state_dict(raw)
+    if key not in sd and entry.filter_fn is not None:  # official / timm layouts name the head differently
+        try:
+            with torch.device("meta"):
+                sd = entry.filter_fn(sd, entry.fn(**kwargs))
+        except Exception:  # noqa: BLE001 - cannot tell; the strict load below reports any mismatch
+            return None
+    w = sd.get(key)
+    return int(w.shape[0]) if isinstance(w, torch.Tensor) and w.ndim >= 1 else None
 
 
 def create_model(
@@ -99,6 +117,8 @@ def create_model(
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    elif cfg.task == "image-classification" and cfg.classifier:
+        kwargs["num_classes"] = cfg.num_classes  # the tag's head size, like timm (e.g. an in21k tag)
     if in_chans is not None:
         kwargs["in_chans"] = in_chans
 
@@ -106,6 +126,10 @@ def create_model(
     where = ""
     if checkpoint_path is not None:
         raw, where = checkpoints.load_file(checkpoint_path), str(checkpoint_path)
+        if num_classes is None:  # a fine-tuned file keeps its own head instead of getting a random one
+            n = _checkpoint_num_classes(entry, cfg, raw, kwargs)
+            if n is not None:
+                kwargs["num_classes"] = n
     elif pretrained:
         if cfg.source is None:
             raise checkpoints.CheckpointError(

@@ -1,0 +1,203 @@
+"""Small ``zoo`` subcommands: ``list``, ``info``, ``download`` and ``export``.
+
+Each ``*_main(argv)`` parses its own arguments and returns a process exit code: 0 on success, 1 when the work
+failed (a download, a parity check), 2 for bad input (an unknown model, a missing file). Errors are one readable
+line on stderr, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".pth.tar")
+
+
+def parse_overrides(items: Sequence[str] | None) -> dict[str, Any]:
+    """``["depths=(1,1,2,1)", "drop_path_rate=0"]`` -> ``{"depths": (1, 1, 2, 1), "drop_path_rate": 0}``.
+
+    Values are Python literals when they parse as one (numbers, tuples, lists, None, True), strings otherwise.
+    """
+    out: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--override expects KEY=VALUE with KEY a Python identifier, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def _error(prog: str, message: str, code: int) -> int:
+    print(f"zoo {prog}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run(prog: str, fn: Callable[[], int]) -> int:
+    """Turn the errors a user can cause into one line on stderr and an exit code."""
+    from zoo.checkpoints import CheckpointError
+    from zoo.registry import UnknownModelError
+
+    try:
+        return fn()
+    except UnknownModelError as e:
+        return _error(prog, str(e), 2)
+    except CheckpointError as e:
+        return _error(prog, str(e), 1)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        return _error(prog, str(e), 2)
+
+
+# ---------------------------------------------------------------------------------------------- zoo list
+
+
+def list_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zoo list", description="List registered models (one name per line).")
+    p.add_argument("pattern", nargs="?", default="*", help="glob on the model name, e.g. 'nextvit_*' (default: all)")
+    p.add_argument("--task", default=None, help="only models of this task, e.g. image-classification")
+    p.add_argument("--pretrained", action="store_true", help="list every NAME.TAG that has released weights")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        from zoo.registry import list_models
+
+        names = list_models(args.pattern, task=args.task, pretrained=args.pretrained)
+        if not names:
+            what = f"pattern {args.pattern!r}" + (f" and task {args.task!r}" if args.task else "")
+            return _error("list", f"no registered model matches {what}", 1)
+        print("\n".join(names))
+        return 0
+
+    return _run("list", work)
+
+
+# ---------------------------------------------------------------------------------------------- zoo info
+
+
+def info_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="zoo info", description="Print a model's config, tags and parameter count as JSON.")
+    p.add_argument("name", help="NAME or NAME.TAG")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        from zoo.registry import model_info
+
+        print(json.dumps(model_info(args.name), indent=2, default=str))
+        return 0
+
+    return _run("info", work)
+
+
+# ---------------------------------------------------------------------------------------------- zoo download
+
+
+def download_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="zoo download",
+        description="Prefetch released checkpoints into the cache ($ZOO_HOME, default ~/.cache/zoo; Hugging Face "
+        "files go to the huggingface_hub cache). Prints the local path of each file.",
+    )
+    p.add_argument("names", nargs="+", metavar="NAME.TAG", help="e.g. nextvit_small.bd_in1k (NAME alone: its default tag)")
+    p.add_argument("--cache-dir", default=None, help="download here instead of the default cache")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        from zoo.checkpoints import CheckpointError, download
+        from zoo.registry import resolve_cfg
+
+        for name in args.names:
+            entry, tag, cfg = resolve_cfg(name)
+            if cfg.source is None:
+                with_weights = [t for t, c in entry.tags.items() if c.has_weights]
+                raise CheckpointError(
+                    f"{entry.name}.{tag} has no released weights; tags with weights: {', '.join(with_weights) or '(none)'}"
+                )
+            path = download(cfg.source, cache_dir=args.cache_dir, progress=not args.quiet)
+            print(f"{entry.name}.{tag}\t{path}")
+        return 0
+
+    return _run("download", work)
+
+
+# ---------------------------------------------------------------------------------------------- zoo export
+
+
+def _looks_like_file(arg: str) -> bool:
+    return Path(arg).exists() or arg.endswith(CHECKPOINT_SUFFIXES) or "/" in arg or "\\" in arg
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="zoo export",
+        description="Export a registered model (random or --pretrained weights) or a checkpoint file to ONNX, "
+        "TorchScript or torch.export. The model is reparameterized first and the artifact is checked against eager "
+        "PyTorch at a different batch size, unless told otherwise.",
+    )
+    p.add_argument("source", metavar="NAME_OR_CHECKPOINT", help="registered NAME[.TAG], or a checkpoint file (then --model)")
+    p.add_argument("-o", "--output", required=True, help="file to write")
+    p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "torch_export"))
+    p.add_argument("--model", default=None, help="architecture of a checkpoint file, e.g. nextvit_small")
+    p.add_argument("--pretrained", action="store_true", help="with a model NAME: load its released weights")
+    p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's / config's)")
+    p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the config's)")
+    p.add_argument("--input-size", type=int, nargs=3, default=None, metavar=("C", "H", "W"),
+                   help="example input size (default: the model's config input size)")
+    p.add_argument("--batch-size", type=int, default=2, help="batch size of the example input (default 2)")
+    p.add_argument("--static-batch", action="store_true", help="fix the batch dimension instead of making it dynamic")
+    p.add_argument("--no-reparameterize", action="store_true", help="export the training form as is")
+    p.add_argument("--no-check", action="store_true", help="skip running the artifact and comparing with eager")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="architecture override, repeatable: --override depths=(1,1,2,1)")
+    args = p.parse_args(argv)
+
+    def work() -> int:
+        import torch
+
+        import zoo
+        from zoo.deploy import ExportParityError, export
+
+        overrides = parse_overrides(args.override)
+        if _looks_like_file(args.source):
+            ckpt = Path(args.source)
+            if not ckpt.exists():
+                raise FileNotFoundError(f"checkpoint file {ckpt} does not exist")
+            if not args.model:
+                raise ValueError(f"{ckpt} is a checkpoint file: pass --model NAME (the architecture it was trained as)")
+            if args.pretrained:
+                raise ValueError("--pretrained loads released weights; it cannot be combined with a checkpoint file")
+            model = zoo.create_model(
+                args.model, checkpoint_path=ckpt, num_classes=args.num_classes, in_chans=args.in_chans, **overrides
+            )
+        else:
+            if args.model and args.model != args.source:
+                raise ValueError(f"--model is only for checkpoint files; {args.source!r} is not a file")
+            model = zoo.create_model(
+                args.source, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans,
+                **overrides,
+            )
+        model.eval()
+        size = tuple(args.input_size) if args.input_size else tuple(model.pretrained_cfg.input_size)
+        if args.in_chans is not None and not args.input_size:
+            size = (args.in_chans, *size[1:])
+        x = torch.randn(args.batch_size, *size)
+        try:
+            path = export(
+                model, args.output, args.format, example_input=x, dynamic_batch=not args.static_batch,
+                reparameterize=not args.no_reparameterize, check=not args.no_check, opset=args.opset,
+            )
+        except ExportParityError as e:
+            return _error("export", f"parity check failed: {e}", 1)
+        mb = Path(path).stat().st_size / 2**20
+        checked = "not checked" if args.no_check else "parity checked against eager"
+        print(f"wrote {path} ({args.format}, {mb:.1f} MiB, input {args.batch_size}x{'x'.join(map(str, size))}, {checked})")
+        return 0
+
+    return _run("export", work)
