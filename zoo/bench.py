@@ -42,17 +42,28 @@ COLUMNS = (
 # ---------------------------------------------------------------------------------------------- counting
 
 
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _sdpa_cpu_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _flop_formulas() -> dict:
     """Formulas FlopCounterMode lacks: the fused CPU attention kernels (counted like the CUDA ones)."""
     from torch.utils import flop_counter
 
-    aten = torch.ops.aten
     extra = {}
     for name, fn in (
-        ("_scaled_dot_product_flash_attention_for_cpu", flop_counter.sdpa_flop),
-        ("_scaled_dot_product_flash_attention_for_cpu_backward", flop_counter.sdpa_backward_flop),
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward),
     ):
-        op = getattr(aten, name, None)
+        op = getattr(torch.ops.aten, name, None)
         if op is not None and op not in flop_counter.flop_registry:
             extra[op] = fn
     return extra
@@ -126,7 +137,8 @@ def model_stats(name: str, image_size=None, *, deploy: bool = True, **overrides:
     out["has_deploy"] = has_deploy_form(model)
     out["deploy_params"] = None
     if deploy and out["has_deploy"]:
-        out["deploy_params"] = count_params(reparameterize(model, inplace=True))
+        with torch.device("meta"):  # blocks create their fused layers on the default device: keep them on meta
+            out["deploy_params"] = count_params(reparameterize(model, inplace=True))
     return out
 
 
