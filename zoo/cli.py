@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "download": ("zoo.tools:download_main", "prefetch a released checkpoint: zoo download NAME.TAG"),
     "export": ("zoo.tools:export_main", "export a model or checkpoint to ONNX / TorchScript / torch.export"),
     "bench": ("zoo.bench:main", "latency / GMACs / params table, CSV/JSON and a Pareto plot"),
+    "snn": ("zoo.snn.pipeline:main", "IIR-SNN: ANN -> SNN T=5 -> 3 -> 1 pipeline and its table (zoo snn pipeline)"),
 }
 
 

@@ -646,7 +646,8 @@ def convert_to_snn(
     """ANN -> SNN initialization of IIR-SNN: fold the BatchNorms into the convs, copy the weights into the spiking
     twin of the same architecture (leaks 1.0) and set the thresholds with :func:`calibrate_thresholds` on
     ``images`` (a batch of training images). ``snn_overrides`` change SNN constructor arguments (e.g.
-    ``drop_rate=0.2``: the reference trains the ANN with 0.5 and the SNN with 0.2). The ANN is left unchanged.
+    ``drop_rate=0.2``: the reference trains the ANN with 0.5 and the SNN with 0.2). The ANN is left unchanged; the
+    SNN is returned in the ANN's train / eval mode.
     """
     from zoo.checkpoints import load_weights
     from zoo.deploy import reparameterize
@@ -663,7 +664,7 @@ def convert_to_snn(
         if hasattr(ann, attr):
             setattr(snn, attr, getattr(ann, attr))
     calibrate_thresholds(snn, images.to(param.device, param.dtype), percentile_q, sim_timesteps, threshold_scale)
-    return snn
+    return snn.train(ann.training)
 
 
 # ------------------------------------------------------------------------------------------ efficiency report
