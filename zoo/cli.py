@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("zoo.tools:info_main", "print a model's config, tags and parameter count as JSON"),
     "download": ("zoo.tools:download_main", "prefetch a released checkpoint: zoo download NAME.TAG"),
     "export": ("zoo.tools:export_main", "export a model or checkpoint to ONNX / TorchScript / torch.export"),
+    "generate": ("zoo.language.generate_cli:main", "stream text from a language model: zoo generate NAME_OR_DIR --prompt ..."),
     "bench": ("zoo.bench:main", "latency / GMACs / params table, CSV/JSON and a Pareto plot"),
     "snn": ("zoo.snn.pipeline:main", "IIR-SNN: ANN -> SNN T=5 -> 3 -> 1 pipeline and its table (zoo snn pipeline)"),
 }

@@ -296,6 +296,13 @@ class TextDataModule(L.LightningDataModule):
             self.setup()
         return self.tokenizer.get_vocab_size()
 
+    @property
+    def special_token_ids(self) -> dict[str, int | None]:
+        """pad / bos / eos ids of the tokenizer, named like the model config fields."""
+        self.setup()
+        ids = [self.tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+        return {"pad_token_id": ids[0], "bos_token_id": ids[1], "eos_token_id": ids[2]}
+
     def token_bytes(self) -> torch.Tensor:
         self.setup()
         return torch.from_numpy(token_byte_lengths(self.tokenizer))

@@ -143,11 +143,13 @@ class CausalLM(L.LightningModule):
             self._build(vocab_size)
 
     # ------------------------------------------------------------------------------------------ building
-    def _build(self, vocab_size: int) -> None:
+    def _build(self, vocab_size: int, special_ids: dict[str, int | None] | None = None) -> None:
         import zoo
 
         args = dict(self.hparams.model_args or {})
         args.setdefault("vocab_size", vocab_size)
+        for k, v in (special_ids or {}).items():  # the tokenizer's pad / bos / eos, unless model_args set them
+            args.setdefault(k, v)
         self.model = zoo.create_model(self.hparams.model_name, **args)
         if self.hparams.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
@@ -163,7 +165,10 @@ class CausalLM(L.LightningModule):
                     "CausalLM: vocab_size is not set and the DataModule has no vocab_size; pass model.vocab_size"
                 )
             self.hparams.vocab_size = int(v)  # saved with checkpoints, so load_from_checkpoint rebuilds eagerly
-            self._build(int(v))
+            special = getattr(dm, "special_token_ids", None)
+            if special:
+                self.hparams.model_args = {**special, **dict(self.hparams.model_args or {})}
+            self._build(int(v), special)
         if self.hparams.distill_teacher and self.teacher is None:
             teacher = load_causal_lm(self.hparams.distill_teacher, self.hparams.distill_args)
             teacher.eval().requires_grad_(False)
@@ -188,7 +193,7 @@ class CausalLM(L.LightningModule):
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
         loss = ce
         if self.teacher is not None:
-            if self.teacher.device != x.device:
+            if next(self.teacher.parameters()).device != x.device:
                 self.teacher.to(x.device)
             with torch.no_grad():
                 t_logits = _logits(self.teacher, x)

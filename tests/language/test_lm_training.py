@@ -1,0 +1,127 @@
+"""LM data (stdlib corpus, byte / BPE tokenizers, bits per byte), the CausalLM task with distillation, a short
+end-to-end fit -> export -> `zoo generate` run."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tokenizers")
+import lightning as L  # noqa: E402
+
+from zoo.data.text import (  # noqa: E402
+    EOS_ID, TextDataModule, byte_tokenizer, split_of, stdlib_files, token_byte_lengths, train_bpe,
+)
+from zoo.tasks.causal_lm import CausalLM, decoupled_topk_kd_loss  # noqa: E402
+
+TINY_ARGS = dict(hidden_size=64, layer_types=["conv", "full_attention", "conv"], num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, block_auto_adjust_ff_dim=False,
+                 max_position_embeddings=64)
+
+
+def test_stdlib_corpus_split_and_byte_tokenizer():
+    root, files = stdlib_files()
+    assert len(files) > 100 and not any("test" in f.relative_to(root).parts[:-1] for f in files)
+    rel = [str(f.relative_to(root)) for f in files]
+    splits = [split_of(r, 0.03, 0.03) for r in rel]
+    assert splits == [split_of(r, 0.03, 0.03) for r in rel]  # stable
+    assert {"train", "val", "test"} <= set(splits)
+    tok = byte_tokenizer()
+    text = "def f(x):\n    return 'héllo' + x  # ünïcode\n"
+    ids = tok.encode(text).ids
+    assert ids == (np.frombuffer(text.encode(), np.uint8).astype(int) + 3).tolist()
+    assert tok.decode(ids) == text and tok.get_vocab_size() == 259
+    tb = token_byte_lengths(tok)
+    assert tb[EOS_ID] == 1 and tb[0] == 0 and (tb[3:] == 1).all()
+
+
+def test_bpe_tokenizer_and_byte_normalisation():
+    texts = [f.read_text() for f in stdlib_files()[1][:40]]
+    tok = train_bpe(texts, 400)
+    assert tok.get_vocab_size() == 400
+    tb = token_byte_lengths(tok)
+    sample = texts[0][:2000]
+    ids = tok.encode(sample).ids
+    assert tok.decode(ids) == sample
+    assert tb[ids].sum() == len(sample.encode())  # byte counts add up exactly: bits/byte is well defined
+
+
+def test_datamodule_windows_and_unigram_baseline():
+    dm = TextDataModule(seq_len=32, batch_size=4, max_bytes=200_000, val_tokens=4096)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == y.shape == (4, 32) and torch.equal(x[:, 1:], y[:, :-1])
+    assert dm.vocab_size == 259 and dm.special_token_ids == {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    val = list(dm.val_dataloader())
+    assert sum(b[0].shape[0] for b in val) == 4096 // 32
+    # the unigram baseline is a real cross-entropy: between 3 and 8 bits for code bytes
+    assert 3.0 < dm.unigram_bpb < 8.0
+    counts = np.bincount(dm.streams["train"], minlength=259) + 1.0
+    p = counts / counts.sum()
+    ys = np.concatenate([b[1].numpy().ravel() for b in val])
+    assert math.isclose(dm.unigram_bpb, -np.log2(p[ys]).sum() / len(ys), rel_tol=1e-9)
+
+
+def test_decoupled_topk_loss():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(3, 5, 50, generator=g) * 3
+    assert decoupled_topk_kd_loss(t, t, k=8).abs().item() < 1e-5
+    s = torch.randn(3, 5, 50, generator=g, requires_grad=True)
+    loss = decoupled_topk_kd_loss(s, t, k=8, temperature=2.0)
+    loss.backward()
+    assert loss.item() > 0 and s.grad.abs().sum() > 0
+    # only the top-K mass and the within-top-K shape matter: reshuffling the student's tail changes nothing
+    idx = t.topk(8, -1).indices
+    tail = torch.ones_like(t, dtype=torch.bool).scatter(-1, idx, False)
+    s2 = s.detach().clone()
+    vals = s2[tail].reshape(3, 5, 42)
+    s2[tail] = vals.flip(-1).reshape(-1)
+    assert torch.isclose(decoupled_topk_kd_loss(s2, t, k=8, temperature=2.0), loss.detach(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """~40 steps of a tiny hybrid on 200 KB of the stdlib, exported to HF layout."""
+    out = tmp_path_factory.mktemp("lm_run")
+    torch.manual_seed(0)
+    dm = TextDataModule(seq_len=64, batch_size=8, max_bytes=200_000, val_tokens=4096)
+    model = CausalLM("lfm2_350m", model_args=TINY_ARGS, lr=5e-3, warmup_steps=5, export_dir=str(out / "hf"))
+    trainer = L.Trainer(max_steps=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, val_check_interval=40,
+                        limit_val_batches=4, default_root_dir=str(out))
+    trainer.fit(model, dm)
+    return trainer, model, dm, out
+
+
+def test_short_training_beats_unigram_and_exports(trained):
+    trainer, model, dm, out = trained
+    bpb = trainer.callback_metrics["val/bpb"].item()
+    assert bpb < dm.unigram_bpb  # 40 steps already learn more than byte frequencies
+    assert model.hparams.vocab_size == 259 and model.model.config.eos_token_id == EOS_ID
+    assert (out / "hf" / "config.json").exists() and (out / "hf" / "tokenizer.json").exists()
+
+
+def test_zoo_generate_streams_from_export(trained, capsys):
+    from zoo.cli import main
+
+    _, _, _, out = trained
+    assert main(["generate", str(out / "hf"), "--prompt", "def ", "--max-new-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("def ") and len(captured.out) > len("def \n")
+    assert "decode" in captured.err and "tokens/s" in captured.err
+    with pytest.raises(SystemExit, match="neither a folder nor a registered model"):
+        main(["generate", "no_such_model_xyz", "--prompt", "x"])
+
+
+def test_distillation_from_exported_teacher(trained):
+    _, _, _, out = trained
+    dm = TextDataModule(seq_len=32, batch_size=4, max_bytes=50_000, val_tokens=1024)
+    student = CausalLM("lfm2_350m", model_args=TINY_ARGS, distill_teacher=str(out / "hf"), distill_topk=8,
+                       distill_alpha=0.5, export_dir="")
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(student, dm)
+    assert "train/kd" in trainer.callback_metrics and trainer.callback_metrics["train/kd"].item() > 0
+    assert not any(k.startswith("teacher") for k in student.state_dict())  # the teacher is never saved
