@@ -263,7 +263,7 @@ def run_stage(name: str, recipe: str, out_dir: str | Path, *, init_from: Path | 
     test_acc = evaluate(net, cli.datamodule.test_dataloader())
     metrics = {
         "stage": name, "timesteps": getattr(net, "timesteps", None) if getattr(net, "spiking", False) else None,
-        "test_acc": test_acc, "epochs": trainer.current_epoch, "wall_s": train_wall,
+        "test_acc": test_acc, "epochs": trainer.current_epoch, "global_step": trainer.global_step, "wall_s": train_wall,
         "init_from": str(init_from) if init_from else None, "best_checkpoint": best,
     }
     if getattr(net, "spiking", False):
