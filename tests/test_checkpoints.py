@@ -41,9 +41,12 @@ SMALL = dict(depths=(1, 1, 2, 1), ntb_period=2, ncb_widths=(32, 64, 64, 96), ntb
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_HEAD(self):  # noqa: N802 (http.server's naming); the Hugging Face client asks for metadata first
+        self.do_GET(head=True)
+
+    def do_GET(self, head: bool = False):  # noqa: N802
         srv = self.server
-        srv.requests.append(self.path)
+        srv.requests.append(("HEAD " if head else "") + self.path)
         body = srv.files.get(self.path)
         if body is None:
             self.send_response(404)
@@ -53,7 +56,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(len(body)))
+        for k, v in srv.extra_headers.get(self.path, {}).items():
+            self.send_header(k, v)
         self.end_headers()
+        if head:
+            return
         if self.path in srv.truncate:  # announce the whole file, send half of it, hang up
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -68,7 +75,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    srv.files, srv.truncate, srv.requests = {}, set(), []
+    srv.files, srv.truncate, srv.requests, srv.extra_headers = {}, set(), [], {}
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
@@ -189,6 +196,42 @@ def test_download_dead_source(tmp_path):
     msg = str(ei.value)
     assert "nextvit.safetensors" in msg and url in msg and str(checkpoints.cached_path(src, tmp_path)) in msg
     assert _files(tmp_path) == []
+
+
+@pytest.fixture
+def hf_endpoint(server, monkeypatch):
+    """Point huggingface_hub at the local server, as HF_ENDPOINT would (it is read when huggingface_hub is imported)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+
+    def publish(repo: str, filename: str, body: bytes) -> str:
+        path = f"/{repo}/resolve/main/{filename}"
+        server.files[path] = body
+        server.extra_headers[path] = {"X-Repo-Commit": "a" * 40, "ETag": f'"{_sha(body)}"'}
+        return path
+
+    return publish
+
+
+def test_download_from_hugging_face_hub(server, hf_endpoint, tmp_path):
+    body = _st_bytes({"w": torch.arange(6.0)})
+    path = hf_endpoint("zoo-test/nextvit", "model.safetensors", body)
+    src = CheckpointSource(hf_hub_id="zoo-test/nextvit", hf_filename="model.safetensors", sha256=_sha(body))
+    got = download(src, cache_dir=tmp_path, progress=False)
+    assert got.read_bytes() == body and got.is_relative_to(tmp_path)
+    assert server.requests.count(path) == 1
+    download(src, cache_dir=tmp_path, progress=False)
+    assert server.requests.count(path) == 1, "the file must come from the hub cache the second time"
+
+    with pytest.raises(HashMismatchError, match="zoo-test/nextvit"):
+        download(CheckpointSource(hf_hub_id="zoo-test/nextvit", hf_filename="model.safetensors", sha256="1" * 64),
+                 cache_dir=tmp_path / "other", progress=False)
+    with pytest.raises(CheckpointError, match="hf://zoo-test/nextvit/absent.safetensors"):
+        download(CheckpointSource(hf_hub_id="zoo-test/nextvit", hf_filename="absent.safetensors"),
+                 cache_dir=tmp_path, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
