@@ -22,6 +22,20 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
+def updates_per_epoch(trainer: L.Trainer) -> int:
+    """Optimizer updates per epoch, for per-update LR schedules built in ``configure_optimizers``.
+
+    Lightning's ``estimated_stepping_batches`` builds the train dataloader before a resumed run's loop state is
+    restored, and the fit loop then keeps that loader, so the saved position inside the epoch would be ignored.
+    When resuming we drop that early loader so the fit loop builds it again after the restore.
+    """
+    epochs = max(1, trainer.max_epochs or 1)
+    n = max(1, int(trainer.estimated_stepping_batches) // epochs)
+    if trainer.ckpt_path is not None:
+        trainer.fit_loop._combined_loader = None
+    return n
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in the same folder, then rename it into place."""
 

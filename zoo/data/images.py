@@ -96,7 +96,7 @@ class DigitsDataModule(L.LightningDataModule):
         if trainer is not None and trainer.training:
             loader = getattr(self, "_train_loader", None)
             if loader is not None:
-                loader.consumed += 1
+                loader.mark_consumed()
             if self.augment:  # done here, in training order, so it draws from the checkpointed global RNG
                 x, y = batch
                 batch = (random_shift(x, max(1, self.image_size // 8)), y)

@@ -33,8 +33,9 @@ class EpochSeededRandomSampler(Sampler[int]):
 class ResumableDataLoader(DataLoader):
     """A DataLoader whose position inside the epoch is checkpointed.
 
-    ``consumed`` is advanced by the DataModule when a training batch is really used (``on_after_batch_transfer``);
-    after ``load_state_dict`` the next iteration skips that many batches.
+    The DataModule calls ``mark_consumed()`` when a training batch is really used (``on_after_batch_transfer``).
+    After ``load_state_dict``, iterators skip the batches already trained on, until training consumes a batch
+    (Lightning may create and drop an iterator or two while it sets up).
     """
 
     consumed: int = 0
@@ -42,14 +43,23 @@ class ResumableDataLoader(DataLoader):
 
     def __iter__(self):
         it = super().__iter__()
-        skip, self._skip = self._skip, 0
-        self.consumed = skip
-        for _ in range(skip):
+        self.consumed = self._skip
+        for _ in range(self._skip):
             next(it)
         return it
 
+    def mark_consumed(self) -> None:
+        self.consumed += 1
+        self._skip = 0
+
     def state_dict(self) -> dict[str, Any]:
-        return {"consumed": self.consumed}
+        return {"consumed": self.consumed, "epoch": getattr(self.sampler, "epoch", 0)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._skip = int(state.get("consumed", 0))
+        consumed, epoch = int(state.get("consumed", 0)), int(state.get("epoch", 0))
+        if consumed >= len(self):  # saved after the epoch's last batch: resume at the start of the next epoch
+            consumed, epoch = 0, epoch + 1
+        self._skip = consumed
+        # Lightning creates the resumed iterator before it calls set_epoch, so restore the epoch here.
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)

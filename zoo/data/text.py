@@ -158,7 +158,10 @@ class TextDataModule(L.LightningDataModule):
         val_fraction / test_fraction: share of files held out (split by a hash of the path).
         val_tokens: cap on the tokens scored per validation pass (evenly spaced windows; ``None`` = all).
         max_bytes: use only the first ``max_bytes`` of the train stream (quick experiments).
-        cache_dir: where trained BPE tokenizers and token arrays are cached (default ``$ZOO_HOME/data/text``).
+        cache_dir: where trained BPE tokenizers are cached (default ``$ZOO_HOME/data/text``).
+        pretokenized: a folder with ``train.npy`` / ``val.npy`` (/ ``test.npy``) token streams and ``tokenizer.json``,
+            memory-mapped instead of reading ``files`` (for corpora larger than RAM; write one with
+            :meth:`save_pretokenized`).
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        pretokenized: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -210,6 +214,9 @@ class TextDataModule(L.LightningDataModule):
         if self.streams:
             return
         hp = self.hparams
+        if hp.pretokenized:
+            self._setup_pretokenized(Path(hp.pretokenized))
+            return
         root, files = self._corpus()
         docs: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
         for f in files:
@@ -233,6 +240,31 @@ class TextDataModule(L.LightningDataModule):
             self.streams[split] = self._encode(ds)
         log.info("text data: %s", {k: len(v) for k, v in self.streams.items()})
         self._save_tokenizer_with_run()
+
+    def _setup_pretokenized(self, folder: Path) -> None:
+        from tokenizers import Tokenizer
+
+        if not (folder / "train.npy").exists() or not (folder / "val.npy").exists():
+            raise FileNotFoundError(f"{folder} needs train.npy and val.npy (see TextDataModule.save_pretokenized)")
+        tok = folder / "tokenizer.json"
+        if not tok.exists():
+            raise FileNotFoundError(f"{folder} has no tokenizer.json: the token ids cannot be interpreted")
+        self.tokenizer = Tokenizer.from_file(str(tok))
+        for split in ("train", "val", "test"):
+            if (folder / f"{split}.npy").exists():
+                self.streams[split] = np.load(folder / f"{split}.npy", mmap_mode="r")
+        self.streams.setdefault("test", self.streams["val"])
+        self._save_tokenizer_with_run()
+
+    def save_pretokenized(self, folder: str | os.PathLike) -> Path:
+        """Write the token streams (int32 ``.npy``) and ``tokenizer.json`` for ``pretokenized=`` runs."""
+        self.setup()
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        for split, arr in self.streams.items():
+            np.save(out / f"{split}.npy", np.asarray(arr, dtype=np.int32))
+        self.tokenizer.save(str(out / "tokenizer.json"))
+        return out
 
     def _make_tokenizer(self, train_docs: list[bytes], files: list[Path]):
         from tokenizers import Tokenizer
@@ -322,7 +354,8 @@ class TextDataModule(L.LightningDataModule):
         if self._unigram_bpb is None:
             self.setup()
             v = self.vocab_size
-            counts = np.bincount(self.streams["train"], minlength=v).astype(np.float64) + 1.0
+            train = self.streams["train"][: 1 << 28]  # counts from (at most) the first 268M train tokens
+            counts = np.bincount(np.asarray(train), minlength=v).astype(np.float64) + 1.0
             logp = np.log2(counts / counts.sum())
             tb = token_byte_lengths(self.tokenizer)
             nll = nbytes = 0.0

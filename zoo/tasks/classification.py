@@ -117,11 +117,12 @@ class ImageClassification(L.LightningModule):
         opt = create_optimizer_v2(self.model, opt=hp.optimizer, lr=lr, weight_decay=hp.weight_decay, momentum=hp.momentum)
         if hp.sched in (None, "none", ""):
             return opt
+        from zoo.training import updates_per_epoch
+
         epochs = max(1, self.trainer.max_epochs or 1)
-        updates_per_epoch = max(1, self.trainer.estimated_stepping_batches // epochs)
         sched, _ = create_scheduler_v2(
             opt, sched=hp.sched, num_epochs=epochs, warmup_epochs=hp.warmup_epochs, warmup_lr=hp.warmup_lr,
-            min_lr=hp.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+            min_lr=hp.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch(self.trainer),
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
