@@ -312,3 +312,27 @@ def test_lfm2_training_step_decreases_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3
+
+
+def test_bf16_decode_kernel_matches_stock_kernel(monkeypatch):
+    from zoo.language import hybrid
+
+    if hybrid._bf16_gemv() is None:
+        pytest.skip("this CPU has no avx512_bf16 (or no C compiler): the stock bf16 kernel is used, tested above")
+    m = tiny().to(torch.bfloat16)
+    calls = []
+    fast = hybrid._gemv_state["fn"]
+    monkeypatch.setitem(hybrid._gemv_state, "fn", lambda *a: (calls.append(a[3]), fast(*a))[1])
+
+    def decode():
+        cache = m.new_cache()
+        with torch.no_grad():
+            out = [m(ids[:, :5], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(5, 9)]
+        return torch.cat(out, 1).float()
+
+    ids = torch.randint(1, 96, (1, 9))
+    got = decode()
+    assert len(calls) == 4 * (3 * 5 + 2 * 7 + 1)  # every product of the 4 decode steps: conv 5, attention 7, head
+    monkeypatch.setitem(hybrid._gemv_state, "fn", None)
+    want = decode()
+    assert (got - want).abs().max().item() < 0.03 * want.abs().max().item()
