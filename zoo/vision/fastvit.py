@@ -657,6 +657,9 @@ class FastVit(nn.Module):
         prev, reduction, start = c0, 4, 0
         for i in range(n):
             down = bool(downsamples[i]) or prev != embed_dims[i]
+            if down and embed_dims[i] % prev:
+                raise ValueError(f"embed_dims[{i}]={embed_dims[i]} must be a multiple of embed_dims[{i - 1 if i else 0}]"
+                                 f"={prev}: the downsampling conv is grouped per input channel")
             reduction *= down_stride if down else 1
             stages.append(FastVitStage(
                 prev, embed_dims[i], layers[i], token_mixers[i], down, bool(se_downsamples[i]), down_patch_size,
@@ -984,10 +987,13 @@ def checkpoint_filter_fn(state_dict: dict, model: FastVit) -> dict:
     if any(k.startswith(("network.", "patch_embed.", "conv_exp.")) for k in sd):
         sd = _official_to_ours(sd, model)
     sd = _convert_head(sd, model)
-    if not isinstance(model, FastVit):
-        return sd
+    if not isinstance(model, FastVit) or next(model.parameters()).is_meta:
+        return sd  # e.g. the factory peeking at the head size on a meta model: no values to convert
     model_deploy = _is_deploy_form(model.state_dict().keys())
     ckpt_deploy = _is_deploy_form(sd.keys())
+    if ckpt_deploy != model_deploy and model.extra_folds:
+        raise ValueError("extra_folds=True models only load checkpoints of their own form; build the model with "
+                         "extra_folds=False to convert between training and deploy form")
     if ckpt_deploy and not model_deploy:
         log.info("deploy-form checkpoint: expanded into the training form (function unchanged)")
         sd = _deploy_to_train(sd, model)
