@@ -1,8 +1,10 @@
 """``create_model``: build a registered model, load released or local weights, adapt head / input channels, wrap features."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from typing import Any, Sequence
 
 import torch
@@ -44,6 +46,7 @@ def load_into(
     num_classes: int | None = None,
     in_chans: int | None = None,
     where: str = "",
+    assign: bool = False,
 ) -> None:
     """Convert a raw checkpoint (ours / official / timm layout), adapt head and stem, and load strictly."""
     entry, _, cfg = resolve_cfg(name)
@@ -66,7 +69,7 @@ def load_into(
             "%s: checkpoint has %d classes, model has %s: the classifier %s was re-initialized",
             name, ck_classes, model_classes, cfg.classifier,
         )
-    checkpoints.load_weights(model, sd, allow_missing=allow, context=f"{name} <- {where}")
+    checkpoints.load_weights(model, sd, allow_missing=allow, context=f"{name} <- {where}", assign=assign)
 
 
 def _checkpoint_num_classes(entry, cfg: ModelCfg, raw: dict, kwargs: dict) -> int | None:
@@ -145,11 +148,15 @@ def create_model(
         with torch.device("meta"):
             deploy_keys = set(entry.fn(deploy=True, **kwargs).state_dict())
         build_deploy_form = set(checkpoints.clean_state_dict(raw)) == deploy_keys
-    model = entry.fn(deploy=True, **kwargs) if build_deploy_form else entry.fn(**kwargs)
+    # Families whose module sets `load_on_meta = True` (large LMs) are built on the meta device when weights follow
+    # and get the checkpoint tensors assigned, so loading never holds a second copy of the weights.
+    on_meta = raw is not None and bool(getattr(sys.modules.get(entry.module), "load_on_meta", False))
+    with torch.device("meta") if on_meta else contextlib.nullcontext():
+        model = entry.fn(deploy=True, **kwargs) if build_deploy_form else entry.fn(**kwargs)
     model.pretrained_cfg = cfg
     model.model_name = entry.name
     if raw is not None:
-        load_into(model, raw, model_name, num_classes=num_classes, in_chans=in_chans, where=where)
+        load_into(model, raw, model_name, num_classes=num_classes, in_chans=in_chans, where=where, assign=on_meta)
     if deploy and not build_deploy_form:
         from zoo.deploy import reparameterize
 
