@@ -133,22 +133,28 @@ def build_pair(seed: int = 0):
 # ---------------------------------------------------------------------------------------------- memory child
 
 
-def _child_rss(folder: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> None:
-    import resource
+def _proc_status(field: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (VmHWM is reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
+
+def _child_rss(folder: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> None:
     torch.set_num_threads(threads)
     import zoo
     from zoo.language.lfm2 import load_pretrained
 
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    base = _proc_status("VmHWM")
     if mode == "load_pretrained":
         m = load_pretrained(folder)
     else:
         m = zoo.create_model("lfm2_350m", checkpoint_path=folder).eval()
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    loaded = _proc_status("VmHWM")
     ids = torch.randint(10, 60000, (1, prompt_len))
     m.generate(ids, max_new_tokens=new_tokens, eos_token_id=[])
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _proc_status("VmHWM")
     print(json.dumps({"mode": mode, "rss_after_imports": base, "peak_after_load": loaded, "peak": peak,
                       "weight_bytes": weight_bytes(m)}))
 

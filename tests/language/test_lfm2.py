@@ -112,6 +112,7 @@ def test_new_operator_plugs_in_with_one_module_and_one_config_value():
 def test_parity_with_transformers_full_forward_and_decode(hf_reference):
     ref, path = hf_reference
     ours = zoo.create_model("lfm2_350m", checkpoint_path=path, **TINY).eval()
+    assert all(p.device.type == "cpu" for p in ours.parameters())  # built on meta, checkpoint tensors assigned
     ids = torch.randint(1, 96, (2, 14), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = ref(ids).logits

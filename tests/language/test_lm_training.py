@@ -115,13 +115,14 @@ def test_zoo_generate_streams_from_export(trained, capsys):
         main(["generate", "no_such_model_xyz", "--prompt", "x"])
 
 
-def test_distillation_from_exported_teacher(trained):
+def test_distillation_from_exported_teacher(trained, tmp_path):
     _, _, _, out = trained
     dm = TextDataModule(seq_len=32, batch_size=4, max_bytes=50_000, val_tokens=1024)
     student = CausalLM("lfm2_350m", model_args=TINY_ARGS, distill_teacher=str(out / "hf"), distill_topk=8,
                        distill_alpha=0.5, export_dir="")
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=str(tmp_path))
     trainer.fit(student, dm)
     assert "train/kd" in trainer.callback_metrics and trainer.callback_metrics["train/kd"].item() > 0
     assert not any(k.startswith("teacher") for k in student.state_dict())  # the teacher is never saved

@@ -303,6 +303,9 @@ def _cfg(hub_id: str | None = None, **kw) -> ModelCfg:
     )
 
 
+# zoo.create_model builds these on the meta device when a checkpoint follows and assigns its tensors (one copy).
+load_on_meta = True
+
 default_cfgs = {
     "lfm2_350m.liquid": _cfg("LiquidAI/LFM2-350M"),
     "lfm2_700m.liquid": _cfg("LiquidAI/LFM2-700M"),
