@@ -7,7 +7,9 @@ import torch
 pytest.importorskip("lightning")
 
 from zoo.checkpoints import load_file, save_file  # noqa: E402
-from zoo.snn.pipeline import DEFAULT_SNN_RECIPE, IIRClassification, main, run_pipeline, run_stage  # noqa: E402
+from zoo.snn.pipeline import (  # noqa: E402
+    DEFAULT_SNN_RECIPE, IIRClassification, _load_stage_model, main, run_pipeline, run_stage,
+)
 
 TINY_ARGS = dict(cfg=[8, "A", 16, "A"], fc_dims=[32], img_size=8, in_chans=1)
 FAST = [
@@ -48,7 +50,7 @@ def test_init_from_snn_checkpoint_and_bad_timesteps(tmp_path):
         IIRClassification(model_args={**TINY_ARGS, "spiking": False}, timesteps=3)
 
 
-def test_schedule_chains_stages_and_resumes(tmp_path, monkeypatch):
+def test_schedule_chains_stages_and_resumes(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "iir"
     res = run_pipeline(schedule=(2, 1), out_dir=out, ann_epochs=1, snn_epochs=1, cli_args=FAST, report=False)
@@ -81,6 +83,14 @@ def test_schedule_chains_stages_and_resumes(tmp_path, monkeypatch):
                   max_epochs=2, cli_args=FAST)
     assert m["global_step"] == 4 and m["epochs"] == 2
     assert json.loads((out / "snn_t1" / "metrics.json").read_text())["global_step"] == 4
+
+    # the report command: table, spike rates / energy, Dynamic Confidence on T=2, ONNX of T=1
+    assert main(["report", "--out", str(out), "--schedule", "2,1"]) == 0
+    text = capsys.readouterr().out
+    for needle in ("snn_t1", "energy ratio", "Dynamic Confidence on the T=2 SNN", "passed the export parity check"):
+        assert needle in text
+    assert (out / "snn_t1.onnx").exists()
+    assert _load_stage_model(out, "snn_t1").timesteps == 1 and _load_stage_model(out, "snn_t2").timesteps == 2
 
 
 def test_cli_validates_the_schedule(tmp_path):

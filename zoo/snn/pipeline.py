@@ -269,10 +269,16 @@ def run_stage(name: str, recipe: str, out_dir: str | Path, *, init_from: Path | 
     if getattr(net, "spiking", False):
         metrics["thresholds"] = net.thresholds()
         metrics["leaks"] = net.leaks()
-    meta = {"model_name": module.hparams.model_name, "model_args": json.dumps(dict(module.hparams.model_args or {})),
+    model_args = dict(module.hparams.model_args or {})
+    if getattr(net, "spiking", False):
+        model_args["timesteps"] = net.timesteps
+    meta = {"model_name": module.hparams.model_name, "model_args": json.dumps(model_args),
             "num_classes": str(module.hparams.num_classes), "stage": name}
     checkpoints.save_file({k: v.cpu() for k, v in net.state_dict().items()}, final, metadata=meta)
-    metrics_path.write_text(json.dumps(metrics, indent=1))
+    data = cli.config.get(cli.subcommand, cli.config).get("data") if cli.subcommand else cli.config.get("data")
+    data = data.as_dict() if hasattr(data, "as_dict") else data
+    (stage_dir / "data.json").write_text(json.dumps(data, indent=1, default=str))  # with the CLI overrides
+    metrics_path.write_text(json.dumps(metrics, indent=1))  # last: marks the stage as finished
     return metrics
 
 
@@ -326,19 +332,24 @@ def _load_stage_model(out: Path, stage: str):
         meta = f.metadata()
     model = zoo.create_model(meta["model_name"], num_classes=int(meta["num_classes"]), **json.loads(meta["model_args"]))
     checkpoints.load_weights(model, checkpoints.load_file(path), context=str(path))
+    metrics = out / stage / "metrics.json"
+    if getattr(model, "spiking", False) and metrics.exists():
+        model.set_timesteps(json.loads(metrics.read_text())["timesteps"])
     return model.eval()
 
 
-def _test_batches(snn_recipe: str):
-    import yaml
-
+def _test_batches(out: Path, stage: str, snn_recipe: str) -> list:
+    """The test set as the stage saw it: the data config it ran with (CLI overrides included), else the recipe's."""
     import importlib
+
+    import yaml
 
     from zoo.recipes import resolve_recipe
 
-    cfg = yaml.safe_load(resolve_recipe(snn_recipe).read_text())["data"]
+    saved = out / stage / "data.json"
+    cfg = json.loads(saved.read_text()) if saved.exists() else yaml.safe_load(resolve_recipe(snn_recipe).read_text())["data"]
     mod, cls = cfg["class_path"].rsplit(".", 1)
-    dm = getattr(importlib.import_module(mod), cls)(**cfg.get("init_args", {}))
+    dm = getattr(importlib.import_module(mod), cls)(**(cfg.get("init_args") or {}))
     dm.setup("test")
     return list(dm.test_dataloader())
 
@@ -346,14 +357,15 @@ def _test_batches(snn_recipe: str):
 def _report(out: Path, snn_recipe: str, schedule: Sequence[int], thresholds: Sequence[float], onnx: bool) -> dict:
     from zoo.snn.iir_snn import dynamic_confidence_eval, spike_report
 
-    batches = _test_batches(snn_recipe)
+    batches = _test_batches(out, f"snn_t{schedule[-1]}", snn_recipe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rep: dict[str, Any] = {"efficiency": {}}
     for t in schedule:
-        model = _load_stage_model(out, f"snn_t{t}")
+        model = _load_stage_model(out, f"snn_t{t}").to(device)
         rep["efficiency"][f"snn_t{t}"] = spike_report(model, batches)
     t0 = schedule[0]
     if t0 > 1:
-        model = _load_stage_model(out, f"snn_t{t0}")
+        model = _load_stage_model(out, f"snn_t{t0}").to(device)
         rep["dynamic_confidence"] = dynamic_confidence_eval(model, batches, thresholds)
     if onnx and schedule[-1] == 1:
         rep["onnx"] = onnx_check(_load_stage_model(out, "snn_t1"), out / "snn_t1.onnx", batches)
