@@ -72,6 +72,18 @@ def load_into(
     checkpoints.load_weights(model, sd, allow_missing=allow, context=f"{name} <- {where}", assign=assign)
 
 
+def _deploy_form_keys(entry, kwargs: dict) -> set[str] | None:
+    """State-dict keys of the deploy form, or None for families without one (their constructors take no ``deploy``)."""
+    with torch.device("meta"):
+        try:
+            model = entry.fn(deploy=True, **kwargs)
+        except TypeError as e:
+            if "deploy" in str(e):
+                return None
+            raise
+    return set(model.state_dict())
+
+
 def _checkpoint_num_classes(entry, cfg: ModelCfg, raw: dict, kwargs: dict) -> int | None:
     """Rows of the classifier weight in a checkpoint (any known layout), or None if it has no classifier."""
     if not cfg.classifier:
@@ -143,11 +155,13 @@ def create_model(
         raw, where = checkpoints.load_file(path), cfg.source.location
 
     build_deploy_form = deploy
-    if raw is not None and deploy:
-        # Deploy-form checkpoints load straight into the deploy form; training-form ones are loaded then folded.
-        with torch.device("meta"):
-            deploy_keys = set(entry.fn(deploy=True, **kwargs).state_dict())
-        build_deploy_form = set(checkpoints.clean_state_dict(raw)) == deploy_keys
+    if raw is not None:
+        # A deploy-form checkpoint loads straight into the deploy form (whether or not deploy=True was asked: it
+        # cannot be unfolded); a training-form one loads into the training form, folded afterwards if deploy=True.
+        deploy_keys = _deploy_form_keys(entry, kwargs)
+        build_deploy_form = deploy_keys is not None and set(checkpoints.clean_state_dict(raw)) == deploy_keys
+        if build_deploy_form and not deploy:
+            log.info("%s: %s holds deploy-form weights; building the deploy form", entry.name, where)
     # Families whose module sets `load_on_meta = True` (large LMs) are built on the meta device when weights follow
     # and get the checkpoint tensors assigned, so loading never holds a second copy of the weights.
     on_meta = raw is not None and bool(getattr(sys.modules.get(entry.module), "load_on_meta", False))

@@ -108,6 +108,9 @@ def test_deploy_form_builds_directly_and_loads_deploy_checkpoints(tmp_path, tiny
             dm = zoo.create_model("nextvit_small", deploy=True, checkpoint_path=tmp_path / f, **tiny_nextvit_args)
             assert count_foldable_batchnorms(dm) == 1
             assert torch.allclose(dm.eval()(x), ref, atol=1e-5), f
+        # a deploy-form file cannot be unfolded: it builds the deploy form even without deploy=True
+        auto = zoo.create_model("nextvit_small", checkpoint_path=tmp_path / "deploy.safetensors", **tiny_nextvit_args)
+        assert auto.deploy and torch.allclose(auto.eval()(x), ref, atol=1e-5)
 
 
 def test_features_only_channels_and_strides():
