@@ -159,8 +159,7 @@ class SpikingConv(ConvNorm):
         deploy: bool = False, drop_rate: float = 0.0, static_input: bool = False, threshold: float = 1.0,
         leak: float = 1.0, surrogate_slope: float = SURROGATE_SLOPE,
     ):
-        super().__init__(in_chs, out_chs, kernel_size, stride, act_layer=None if spiking else nn.ReLU,
-                         deploy=spiking or deploy)
+        super().__init__(in_chs, out_chs, kernel_size, stride, deploy=spiking or deploy)
         if not spiking:
             self.act = nn.ReLU(inplace=True)
         self.spiking = spiking
