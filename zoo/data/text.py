@@ -2,7 +2,7 @@
 
 The default corpus is the source of the running interpreter's standard library (``*.py`` under
 ``sysconfig.get_paths()["stdlib"]``, ``site-packages`` and test suites excluded): real text present on every machine.
-Files are split into train / val / test by a hash of their relative path, so the split is the same on every run and
+Files are split into train / val / test by a hash of their relative path (at least one file each), so the split is the same on every run and
 every rank. Each split is one stream of tokens with an end-of-text token after every file, cut into windows of
 ``seq_len + 1`` tokens (input = window[:-1], target = window[1:]).
 
@@ -219,9 +219,15 @@ class TextDataModule(L.LightningDataModule):
             return
         root, files = self._corpus()
         docs: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
-        for f in files:
-            rel = str(f.relative_to(root)) if root else str(f)
-            docs[split_of(rel, hp.val_fraction, hp.test_fraction)].append(f.read_bytes())
+        rels = [str(f.relative_to(root)) if root else str(f) for f in files]
+        splits = [split_of(r, hp.val_fraction, hp.test_fraction) for r in rels]
+        if len(files) >= 3:  # a tiny held-out fraction of few files: hold out the lowest-hash files instead
+            order = sorted(range(len(files)), key=lambda i: zlib.crc32(rels[i].encode()))
+            for split, i in (("val", order[0]), ("test", order[1])):
+                if split not in splits:
+                    splits[i] = split
+        for f, split in zip(files, splits):
+            docs[split].append(f.read_bytes())
         if hp.max_bytes:
             kept, total = [], 0
             for d in docs["train"]:

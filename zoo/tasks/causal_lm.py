@@ -104,6 +104,9 @@ class CausalLM(L.LightningModule):
         vocab_size: output size; ``None`` takes the DataModule's ``vocab_size`` (its tokenizer) at setup.
         optimizer / lr / weight_decay / betas: timm optimizer factory settings (no decay on norms and biases).
         sched / warmup_steps / min_lr: timm scheduler stepped per update (``cosine``, ``linear``... or ``none``).
+        sched_by_time: with the Trainer's ``max_time``, decay the learning rate (cosine, after ``warmup_steps``
+            linear warm-up steps) by the fraction of the time budget used instead of by steps, so a run that is cut
+            by the clock still ends with a fully decayed rate however fast the machine is.
         grad_checkpointing: recompute layer activations in backward (long sequences / big models).
         distill_teacher: zoo name, HF-layout folder or transformers hub id of a teacher with the same tokenizer.
         distill_args: kwargs for the teacher (zoo overrides, ``checkpoint_path``, or ``from_pretrained`` kwargs).
@@ -125,6 +128,7 @@ class CausalLM(L.LightningModule):
         warmup_steps: int = 100,
         warmup_lr: float = 1e-6,
         min_lr: float = 1e-5,
+        sched_by_time: bool = False,
         grad_checkpointing: bool = False,
         compile: bool = False,
         distill_teacher: str | None = None,
@@ -280,6 +284,12 @@ class CausalLM(L.LightningModule):
                                   betas=tuple(hp.betas))
         if hp.sched in (None, "none", ""):
             return opt
+        if hp.sched_by_time:
+            timer = self._timer()
+            if timer is None:
+                raise ValueError("CausalLM(sched_by_time=True) needs trainer.max_time (the time budget to decay over)")
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: self._time_factor(timer))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched, _ = create_scheduler_v2(
             opt, sched=hp.sched, num_epochs=total, warmup_epochs=min(hp.warmup_steps, total // 2),
@@ -287,5 +297,22 @@ class CausalLM(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def _timer(self):
+        from lightning.pytorch.callbacks import Timer
+
+        return next((c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration), None)
+
+    def _time_factor(self, timer) -> float:
+        """LR multiplier: linear warm-up over steps, then cosine by the used share of the time budget."""
+        hp = self.hparams
+        warm = min(1.0, (self.global_step + 1) / max(1, hp.warmup_steps))
+        elapsed = timer.time_elapsed("train")
+        progress = min(1.0, elapsed / max(1e-9, elapsed + (timer.time_remaining("train") or 0.0)))
+        floor = hp.min_lr / hp.lr
+        return warm * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
     def lr_scheduler_step(self, scheduler, metric):
-        scheduler.step_update(num_updates=self.global_step)
+        if hasattr(scheduler, "step_update"):  # timm schedulers count updates
+            scheduler.step_update(num_updates=self.global_step)
+        else:
+            scheduler.step()
