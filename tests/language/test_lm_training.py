@@ -126,3 +126,39 @@ def test_distillation_from_exported_teacher(trained, tmp_path):
     trainer.fit(student, dm)
     assert "train/kd" in trainer.callback_metrics and trainer.callback_metrics["train/kd"].item() > 0
     assert not any(k.startswith("teacher") for k in student.state_dict())  # the teacher is never saved
+
+
+def test_time_budget_schedule_warms_up_then_decays_to_min_lr():
+    task = CausalLM("lfm2_350m", model_args=TINY_ARGS, vocab_size=259, lr=1e-3, min_lr=1e-5, warmup_steps=10,
+                    sched_by_time=True)
+
+    class FakeTimer:
+        elapsed = 0.0
+
+        def time_elapsed(self, stage):
+            return self.elapsed
+
+        def time_remaining(self, stage):
+            return 100.0 - self.elapsed
+
+    class FakeTrainer:
+        global_step = 0
+
+    timer, trainer = FakeTimer(), FakeTrainer()
+    task._trainer = trainer  # global_step reads trainer.global_step
+    f = []
+    for step, t in [(0, 0.0), (9, 1.0), (50, 25.0), (200, 50.0), (400, 99.0), (500, 100.0)]:
+        trainer.global_step, timer.elapsed = step, t
+        f.append(task._time_factor(timer))
+    assert f[0] == pytest.approx(0.1) and f[1] == pytest.approx(1.0, abs=1e-3)
+    assert f[1] > f[2] > f[3] > f[4] > f[5] and f[5] == pytest.approx(1e-2)  # min_lr / lr at the end of the budget
+
+
+def test_generate_cli_offline_name_gives_clear_error(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    from zoo.cli import main
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match="could not fetch LiquidAI/LFM2-350M"):
+        main(["generate", "lfm2_350m", "--prompt", "x", "--cache-dir", str(tmp_path)])
