@@ -28,13 +28,14 @@ import logging
 import math
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.layers.padding import pad_same
 from timm.layers.squeeze_excite import SEModule
 from torch import nn
-from torchvision.ops import batched_nms, box_iou, sigmoid_focal_loss
+from torchvision.ops import batched_nms, box_iou, nms, sigmoid_focal_loss
 
 from zoo.layers import ConvNorm
 from zoo.registry import ModelCfg, register_model
@@ -391,7 +392,8 @@ class SSDAnchorGenerator:
                 if interpolated_scale_aspect_ratio > 0:
                     specs.append((math.sqrt(s * s_next), float(interpolated_scale_aspect_ratio)))
             self.box_specs.append(specs)
-        self._cache: dict[tuple, torch.Tensor] = {}
+        # cached as NumPy so no tensor created while tracing (export, fake tensors) is ever reused in eager mode
+        self._cache: dict[tuple, np.ndarray] = {}
 
     def num_anchors_per_location(self) -> list[int]:
         return [len(s) for s in self.box_specs]
@@ -400,9 +402,9 @@ class SSDAnchorGenerator:
         key = (tuple(map(tuple, feature_shapes)), tuple(image_size))
         if key not in self._cache:
             self._cache[key] = self._generate(feature_shapes, image_size)
-        return self._cache[key]
+        return torch.from_numpy(self._cache[key].copy())
 
-    def _generate(self, feature_shapes, image_size) -> torch.Tensor:
+    def _generate(self, feature_shapes, image_size) -> np.ndarray:
         if len(feature_shapes) != len(self.box_specs):
             raise ValueError(f"{len(feature_shapes)} feature maps but the anchor generator has {len(self.box_specs)} layers")
         ih, iw = image_size
@@ -410,15 +412,14 @@ class SSDAnchorGenerator:
         base_h, base_w = m / ih, m / iw
         out = []
         for (gh, gw), specs in zip(feature_shapes, self.box_specs):
-            sc = torch.tensor([s for s, _ in specs], dtype=torch.float64)
-            ar = torch.tensor([a for _, a in specs], dtype=torch.float64).sqrt()
+            sc = np.array([s for s, _ in specs], dtype=np.float64)
+            ar = np.sqrt(np.array([a for _, a in specs], dtype=np.float64))
             hs, ws = sc / ar * base_h, sc * ar * base_w
-            cy = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh
-            cx = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw
-            cy, cx = cy.view(gh, 1, 1).expand(gh, gw, len(specs)), cx.view(1, gw, 1).expand(gh, gw, len(specs))
-            h, w = hs.view(1, 1, -1).expand(gh, gw, -1), ws.view(1, 1, -1).expand(gh, gw, -1)
-            out.append(torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).reshape(-1, 4))
-        return torch.cat(out).float()
+            cy, cx = (np.arange(gh) + 0.5) / gh, (np.arange(gw) + 0.5) / gw
+            cy, cx = np.broadcast_to(cy[:, None, None], (gh, gw, len(specs))), np.broadcast_to(cx[None, :, None], (gh, gw, len(specs)))
+            h, w = np.broadcast_to(hs, (gh, gw, len(specs))), np.broadcast_to(ws, (gh, gw, len(specs)))
+            out.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1).reshape(-1, 4))
+        return np.concatenate(out).astype(np.float32)
 
 
 class BoxCoder:
@@ -645,8 +646,9 @@ class SSDLiteMobileDet(nn.Module):
             labels = labels.to(cls_logits.device)
             matches = argmax_match(box_iou(boxes, anchors), self.matched_threshold, self.unmatched_threshold)
             pos = matches >= 0
+            # encode_background_as_zeros (all four configs): unmatched anchors have all-zero targets, so the
+            # background slot (kept for the 91-slot layout) is always pushed towards 0
             onehot = torch.zeros(anchors.shape[0], self.num_classes + 1, device=cls_logits.device)
-            onehot[:, 0] = (matches == -1).float()  # background slot for unmatched anchors
             if pos.any():
                 onehot[pos.nonzero().squeeze(1), labels[matches[pos]] + 1] = 1.0
             cls_t.append(torch.where((matches == -2).unsqueeze(1), torch.full_like(onehot, -1.0), onehot))
@@ -708,7 +710,7 @@ class SSDLiteMobileDet(nn.Module):
         valid = top > self.score_thresh
         # invalid candidates go to their own group far from everything, so they never suppress a valid one
         group = torch.where(valid, img * c + cls, torch.full_like(cls, b * c))
-        keep = batched_nms(cand.reshape(-1, 4), top.reshape(-1), group.reshape(-1), self.nms_iou)
+        keep = _offset_nms(cand.reshape(-1, 4), top.reshape(-1), group.reshape(-1), self.nms_iou)
         kept = torch.zeros(b * k, dtype=torch.bool, device=cls.device).index_fill(0, keep, True).view(b, k) & valid
         # the first max_det kept candidates in score order: rank kept ones by position, push the rest behind
         m = min(self.max_det, k)
@@ -719,6 +721,13 @@ class SSDLiteMobileDet(nn.Module):
         out_scores = torch.gather(top, 1, order) * sel
         out_labels = torch.where(sel, torch.gather(cls, 1, order), torch.full_like(order, -1))
         return out_boxes, out_scores, out_labels, sel.sum(1)
+
+
+def _offset_nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou: float) -> torch.Tensor:
+    """Per-group NMS in one call by shifting each group's boxes apart (torchvision's coordinate trick, used
+    unconditionally: ``batched_nms`` picks a per-class loop on large CPU inputs, which torch.export cannot trace)."""
+    offsets = groups.to(boxes.dtype) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou)
 
 
 def _check_target(t: dict, i: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
