@@ -42,11 +42,27 @@ def scale_boxes(boxes: torch.Tensor, from_size: Sequence[int], to_size: Sequence
     return torch.stack([out[:, 0].clamp(0, tw), out[:, 1].clamp(0, th), out[:, 2].clamp(0, tw), out[:, 3].clamp(0, th)], 1)
 
 
+def coco_thresholds() -> tuple[list[float], list[float]]:
+    """COCOeval's IoU (0.50:0.05:0.95) and recall (0:0.01:1) thresholds, computed as pycocotools does (float64)."""
+    import numpy as np
+
+    iou = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
+    rec = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
+    return iou.tolist(), rec.tolist()
+
+
 def mean_average_precision(class_metrics: bool = False, backend: str = "pycocotools"):
-    """torchmetrics' MeanAveragePrecision configured as COCOeval (xyxy boxes, IoU .50:.95, 101 recall points)."""
+    """torchmetrics' MeanAveragePrecision configured to reproduce COCOeval exactly (xyxy boxes).
+
+    torchmetrics' default thresholds come from ``torch.linspace`` in float32 (0.55 -> 0.550000011...), which moves
+    recall samples that fall exactly on a threshold and changes AP in the 4th digit; pycocotools' float64
+    thresholds are passed explicitly instead.
+    """
     from torchmetrics.detection import MeanAveragePrecision
 
-    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=class_metrics, backend=backend)
+    iou, rec = coco_thresholds()
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=class_metrics, backend=backend,
+                                iou_thresholds=iou, rec_thresholds=rec)
 
 
 def metric_targets(targets: list[dict]) -> list[dict]:
