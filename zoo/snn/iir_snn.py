@@ -870,7 +870,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) 
 def _cfg(**kw: Any) -> ModelCfg:
     base = dict(
         task="image-classification", family="iir_snn", paper="2110.05929",
-        license="none stated by the reference repository (architecture only, no released weights here)",
+        license="unspecified",  # the reference repository states no license; no weights are released here
         num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0, interpolation="bilinear",
         mean=CIFAR10_MEAN, std=CIFAR10_STD, first_conv="features.0.conv", classifier="head",
     )
