@@ -13,7 +13,7 @@ Timings are interleaved (each round times every callable a few calls in turn), s
 shared machine hits all of them alike; median and p90 are over all timed calls. Ratios are against ``timm reparam``
 (< 1: faster than timm's inference form). Target: ``ours deploy / timm reparam <= 1``.
 
-    python benchmarks/bench_fastvit.py                     # fastvit_mci0 and fastvit_sa12, batch 1, 256 px, 2 threads
+    python benchmarks/bench_fastvit.py                     # fastvit_mci0 and fastvit_sa12, batch 1, 256 px, 1 thread
     python benchmarks/bench_fastvit.py --batch-sizes 1 8 --json artifacts/bench_fastvit.json --markdown
 """
 from __future__ import annotations
@@ -111,7 +111,9 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="+", default=["fastvit_mci0", "fastvit_sa12"])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (1 by default: on a shared machine multi-thread eager timings measure OpenMP "
+                        "barrier stalls more than compute)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=8, help="interleaved rounds (each times every variant)")
     p.add_argument("--per-round", type=int, default=5, help="timed calls per variant per round (batch 1)")

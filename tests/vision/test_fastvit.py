@@ -298,6 +298,15 @@ def test_timm_checkpoint_through_create_model_both_forms(tmp_path):
             assert _rel(expected, m(x)) < 1e-6
 
 
+def test_grey_input_adapts_both_stem_branches(tmp_path):
+    ref, _ = _timm_pair("fastvit_t8", **_small("fastvit_t8"))
+    torch.save(ref.state_dict(), tmp_path / "timm.pth")
+    grey = zoo.create_model("fastvit_t8", checkpoint_path=tmp_path / "timm.pth", in_chans=1, **_small("fastvit_t8"))
+    g = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():  # timm's adapt_input_conv sums RGB weights: grey input == the image repeated 3 times
+        assert _rel(ref(g.repeat(1, 3, 1, 1)), grey.eval()(g)) < 1e-5
+
+
 def test_fastvithd_loads_timm_mci3_training_checkpoint(tmp_path):
     """timm/MobileCLIP2 ``fastvit_mci3`` (training form, zero head bias) -> FastViTHD (deploy form, no bias)."""
     ref, _ = _timm_pair("fastvit_mci3", **_small("fastvit_mci3"))

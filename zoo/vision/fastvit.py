@@ -987,6 +987,11 @@ def checkpoint_filter_fn(state_dict: dict, model: FastVit) -> dict:
     if any(k.startswith(("network.", "patch_embed.", "conv_exp.")) for k in sd):
         sd = _official_to_ours(sd, model)
     sd = _convert_head(sd, model)
+    scale_key = "stem.0.conv_scale.conv.weight"  # the factory adapts first_conv; the stem's 1x1 branch reads pixels too
+    if scale_key in sd and getattr(model, "in_chans", 3) != sd[scale_key].shape[1]:
+        from timm.models import adapt_input_conv
+
+        sd[scale_key] = adapt_input_conv(model.in_chans, sd[scale_key])
     if not isinstance(model, FastVit) or next(model.parameters()).is_meta:
         return sd  # e.g. the factory peeking at the head size on a meta model: no values to convert
     model_deploy = _is_deploy_form(model.state_dict().keys())
