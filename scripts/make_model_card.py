@@ -147,7 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--latency-models", default="nextvit_*",
                    help="comma-separated globs of models to time ('' for none; default nextvit_*)")
     p.add_argument("--latency-json", default=None, help="take latency from an earlier `zoo bench --json` file")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (default 1: stable on a shared machine; 2-thread eager runs degrade badly under load)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
     p.add_argument("--check", action="store_true", help="print the table instead of writing the file")
