@@ -37,10 +37,35 @@ def _image_folder_args(tmp: Path) -> list[str]:
     return [f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
 
 
+def _text_args(tmp: Path) -> list[str]:
+    """A few local text files and the byte tokenizer (real recipes point at a corpus and a trained tokenizer)."""
+    d = tmp / "text"
+    d.mkdir()
+    for i in range(6):
+        (d / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 40)
+    return [f"--data.init_args.files=[{d}/*.txt]", "--data.init_args.tokenizer=byte", "--data.init_args.seq_len=32",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.val_tokens=256",
+            "--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.2",
+            "--data.init_args.pretokenized=null"]
+
+
+def _detection_args(tmp: Path) -> list[str]:
+    """A tiny generated shapes set written in COCO format, read back through the real COCO paths."""
+    from zoo.data.detection import make_shapes_dataset
+
+    root = make_shapes_dataset(tmp / "coco", splits={"train": 4, "val": 2})
+    return [f"--data.init_args.train_ann={root}/train/annotations.json", f"--data.init_args.train_images={root}/train/images",
+            f"--data.init_args.val_ann={root}/val/annotations.json", f"--data.init_args.val_images={root}/val/images",
+            "--data.init_args.root=null", "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2",
+            "--data.init_args.num_workers=0"]
+
+
 # data class_path -> function(tmp_path) returning CLI overrides that make the recipe run on tiny local data.
 TINY_DATA_RULES = {
     "zoo.data.DigitsDataModule": lambda tmp: ["--data.init_args.batch_size=8"],
     "zoo.data.ImageFolderDataModule": _image_folder_args,
+    "zoo.data.text.TextDataModule": _text_args,
+    "zoo.data.detection.COCODetection": _detection_args,
 }
 
 

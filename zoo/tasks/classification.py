@@ -63,7 +63,8 @@ class ImageClassification(L.LightningModule):
             )
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{split}_{k}": MulticlassAccuracy(num_classes, top_k=min(topk, num_classes))
+                # micro: the fraction of images classified right (ImageNet top-1), not the per-class mean
+                f"{split}_{k}": MulticlassAccuracy(num_classes, top_k=min(topk, num_classes), average="micro")
                 for split in ("val", "test")
                 for k, topk in (("top1", 1), ("top5", 5))
             }
