@@ -40,8 +40,11 @@ class ConvNorm(nn.Module):
             return
         w, b = fold_bn_into_conv(self.conv.weight, self.conv.bias, self.norm)
         c = self.conv
-        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True)
+        fused = nn.Conv2d(
+            c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups, bias=True,
+            device=w.device, dtype=w.dtype,
+        )
         fused.weight.copy_(w)
         fused.bias.copy_(b)
-        self.conv = fused.to(w.device)
+        self.conv = fused
         self.norm = nn.Identity()

@@ -62,7 +62,9 @@ class MHCA(nn.Module):
         if isinstance(self.norm, nn.BatchNorm2d):
             c = self.group_conv3x3
             w, b = fold_bn_into_conv(c.weight, c.bias, self.norm)
-            fused = nn.Conv2d(c.in_channels, c.out_channels, 3, 1, 1, groups=c.groups, bias=True).to(w.device)
+            fused = nn.Conv2d(
+                c.in_channels, c.out_channels, 3, 1, 1, groups=c.groups, bias=True, device=w.device, dtype=w.dtype
+            )
             fused.weight.copy_(w)
             fused.bias.copy_(b)
             self.group_conv3x3, self.norm = fused, nn.Identity()
