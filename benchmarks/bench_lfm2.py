@@ -144,6 +144,7 @@ def _proc_status(field: str) -> int:
 def _child_rss(folder: str, mode: str, prompt_len: int, new_tokens: int, threads: int) -> None:
     torch.set_num_threads(threads)
     import zoo
+    import zoo.models  # noqa: F401  (every family: the baseline both loading paths share)
     from zoo.language.lfm2 import load_pretrained
 
     base = _proc_status("VmHWM")
@@ -165,6 +166,29 @@ def cache_bytes(cfg, tokens: int, dtype_bytes: int = 4) -> int:
     return (conv + attn) * dtype_bytes
 
 
+def _rss(args, res: dict) -> None:
+    """Peak RSS of loading a saved fp32 folder and generating, in fresh processes (both loading paths)."""
+    with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
+        import zoo
+
+        zoo.create_model("lfm2_350m").save_pretrained(d)
+        for mode in ("load_pretrained", "create_model"):
+            out = subprocess.run([sys.executable, __file__, "--_child", d, mode, "--threads", str(args.threads),
+                                  "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps)],
+                                 capture_output=True, text=True, check=True)
+            rss = json.loads(out.stdout.strip().splitlines()[-1])
+            import zoo.language.lfm2 as lf
+
+            cfg = lf.hybrid_config_from_lfm2(json.loads((Path(d) / "config.json").read_text()))
+            cb = cache_bytes(cfg, args.prompt_len + args.decode_steps)
+            rss["cache_bytes"] = cb
+            rss["peak_over_weights_plus_cache"] = rss["peak"] / (rss["weight_bytes"] + cb)
+            rss["peak_minus_imports_over_weights_plus_cache"] = (rss["peak"] - rss["rss_after_imports"]) / (
+                rss["weight_bytes"] + cb)
+            res[f"rss_{mode}"] = rss
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
@@ -173,6 +197,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-lowp", action="store_true", help="skip the bf16 / int8 runs")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
+    ap.add_argument("--only-rss", action="store_true", help="only the peak-memory child processes")
     ap.add_argument("--json", default=None)
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -185,6 +210,13 @@ def main(argv=None) -> int:
     import transformers
 
     res["transformers"] = transformers.__version__
+    if args.only_rss:
+        _rss(args, res)
+        res["load_avg_end"] = os.getloadavg()
+        print(json.dumps({k: v for k, v in res.items() if k.startswith("rss_")}, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(res, indent=2))
+        return 0
     bw = read_bandwidth()
     res["read_bandwidth_GBs"] = bw / 1e9
     ours, ref = build_pair()
@@ -214,25 +246,7 @@ def main(argv=None) -> int:
             res[k]["decode_vs_fp32_bound"] = res[k]["decode_tok_s"] / res["fp32_bound_tok_s"]
     del ours
     if not args.no_rss:
-        with tempfile.TemporaryDirectory() as d:
-            torch.manual_seed(0)
-            import zoo
-
-            zoo.create_model("lfm2_350m").save_pretrained(d)
-            for mode in ("load_pretrained", "create_model"):
-                out = subprocess.run([sys.executable, __file__, "--_child", d, mode, "--threads", str(args.threads),
-                                      "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps)],
-                                     capture_output=True, text=True, check=True)
-                rss = json.loads(out.stdout.strip().splitlines()[-1])
-                import zoo.language.lfm2 as lf
-
-                cfg = lf.hybrid_config_from_lfm2(json.loads((Path(d) / "config.json").read_text()))
-                cb = cache_bytes(cfg, args.prompt_len + args.decode_steps)
-                rss["cache_bytes"] = cb
-                rss["peak_over_weights_plus_cache"] = rss["peak"] / (rss["weight_bytes"] + cb)
-                rss["peak_minus_imports_over_weights_plus_cache"] = (rss["peak"] - rss["rss_after_imports"]) / (
-                    rss["weight_bytes"] + cb)
-                res[f"rss_{mode}"] = rss
+        _rss(args, res)
     res["load_avg_end"] = os.getloadavg()
     _print(res)
     if args.json:
