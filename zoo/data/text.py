@@ -210,13 +210,8 @@ class TextDataModule(L.LightningDataModule):
 
         return zoo_home() / "data" / "text"
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.streams:
-            return
+    def _read_docs(self) -> tuple[dict[str, list[bytes]], list[Path]]:
         hp = self.hparams
-        if hp.pretokenized:
-            self._setup_pretokenized(Path(hp.pretokenized))
-            return
         root, files = self._corpus()
         docs: dict[str, list[bytes]] = {"train": [], "val": [], "test": []}
         rels = [str(f.relative_to(root)) if root else str(f) for f in files]
@@ -241,6 +236,21 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(
                     f"TextDataModule: the {split} split is empty ({len(files)} files); raise val_fraction or add files"
                 )
+        return docs, files
+
+    def prepare_data(self) -> None:
+        """Train (and cache) the BPE once, on one process, before every rank's ``setup`` reads it."""
+        if self.hparams.tokenizer == "bpe" and not self.hparams.pretokenized:
+            docs, files = self._read_docs()
+            self._make_tokenizer(docs["train"], files)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.streams:
+            return
+        if self.hparams.pretokenized:
+            self._setup_pretokenized(Path(self.hparams.pretokenized))
+            return
+        docs, files = self._read_docs()
         self.tokenizer = self._make_tokenizer(docs["train"], files)
         for split, ds in docs.items():
             self.streams[split] = self._encode(ds)
