@@ -218,7 +218,7 @@ def test_official_layout_converts_like_timm_and_loads(tmp_path):
         assert _rel(ref(x), m.eval()(x)) < 1e-6
 
 
-def test_official_reparam_checkpoint_loads_into_both_forms(tmp_path):
+def test_official_reparam_checkpoint_loads_into_both_forms(tmp_path, monkeypatch):
     """ml-fastvit's ``*_reparam.pth.tar`` (lkb_reparam, reparam_conv): timm cannot read it; we load it into the deploy
     form directly and into the training form exactly (all folded function in the k x k branch)."""
     ref, ours = _timm_pair("fastvit_sa12", **_small("fastvit_sa12"))
@@ -234,6 +234,19 @@ def test_official_reparam_checkpoint_loads_into_both_forms(tmp_path):
                                  deploy=deploy, **_small("fastvit_sa12")).eval()
             assert any(".conv_kxk." in k for k in m.state_dict()) is not deploy
             assert _rel(expected, m(x)) < 1e-6, f"deploy={deploy}"
+        # the same file through the registry tag (pretrained=True), served from a file:// URL
+        import dataclasses
+
+        from zoo.registry import CheckpointSource, get_entry
+
+        tags = dict(get_entry("fastvit_sa12").tags)
+        url = (tmp_path / "fastvit_sa12_reparam.pth.tar").as_uri()
+        tags["apple_in1k_reparam"] = dataclasses.replace(tags["apple_in1k_reparam"],
+                                                         source=CheckpointSource(url=url, layout="official"))
+        monkeypatch.setattr(get_entry("fastvit_sa12"), "tags", tags)
+        m = zoo.create_model("fastvit_sa12.apple_in1k_reparam", pretrained=True, num_classes=ref.num_classes,
+                             deploy=True, **_small("fastvit_sa12")).eval()
+        assert _rel(expected, m(x)) < 1e-6
 
 
 def test_expanded_deploy_checkpoint_trains():

@@ -1046,14 +1046,28 @@ _FASTVLM = dict(
     num_classes=768, first_conv="stem.0.reparam_conv",
 )
 
+def _apple_fastvit(variant: str, distilled: bool) -> CheckpointSource:
+    # apple/ml-fastvit README: fused ("_reparam", deploy form) files in Apple's layout, state dict under 'state_dict'.
+    folder = "image_classification_distilled_models" if distilled else "image_classification_models"
+    return CheckpointSource(
+        url=f"https://docs-assets.developer.apple.com/ml-research/models/fastvit/{folder}/fastvit_{variant}_reparam.pth.tar",
+        layout="official", file_name=f"fastvit_{variant}{'_dist' if distilled else ''}_reparam.pth.tar")
+
+
+_DIST_NOTE = "distilled from RegNetY-16GF (DeiT hard distillation)"
+_REPARAM_NOTE = ("Apple's own fused (deploy-form) file; loads into the deploy form, or exactly into the training form "
+                 "for fine-tuning")
 default_cfgs: dict[str, ModelCfg] = {}
 for _v, (_top1, _dist) in _FASTVIT_TOP1.items():
     _crop = 0.95 if _v == "ma36" else 0.9
     default_cfgs[f"fastvit_{_v}.apple_in1k"] = _cfg(metrics={"top1": _top1}, crop_pct=_crop,
                                                     source=_timm_hub(f"fastvit_{_v}.apple_in1k"))
-    default_cfgs[f"fastvit_{_v}.apple_dist_in1k"] = _cfg(metrics={"top1": _dist}, crop_pct=_crop,
-                                                         source=_timm_hub(f"fastvit_{_v}.apple_dist_in1k"),
-                                                         notes="distilled from RegNetY-16GF (DeiT hard distillation)")
+    default_cfgs[f"fastvit_{_v}.apple_dist_in1k"] = _cfg(metrics={"top1": _dist}, crop_pct=_crop, notes=_DIST_NOTE,
+                                                         source=_timm_hub(f"fastvit_{_v}.apple_dist_in1k"))
+    default_cfgs[f"fastvit_{_v}.apple_in1k_reparam"] = _cfg(metrics={"top1": _top1}, crop_pct=_crop,
+                                                            source=_apple_fastvit(_v, False), notes=_REPARAM_NOTE)
+    default_cfgs[f"fastvit_{_v}.apple_dist_in1k_reparam"] = _cfg(
+        metrics={"top1": _dist}, crop_pct=_crop, source=_apple_fastvit(_v, True), notes=f"{_DIST_NOTE}; {_REPARAM_NOTE}")
 default_cfgs.update({
     "fastvit_mci0.apple_mclip": _cfg(metrics={"imagenet_zeroshot_top1": 67.8}, source=_mclip_url("s0"), **_MCLIP),
     "fastvit_mci0.apple_mclip2_dfndr2b": _cfg(
