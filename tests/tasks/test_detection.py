@@ -210,3 +210,16 @@ data:
     rec = json.loads((tmp_path / "pred" / "a.json").read_text())
     assert rec["width"] == 80 and len(rec["detections"]) > 0
     assert (tmp_path / "pred" / "a.png").exists()
+
+
+def test_empty_annotation_set_is_evaluated_as_coco_does(tmp_path):
+    """No objects anywhere: COCOeval reports -1 (undefined), and the torchmetrics path agrees instead of crashing."""
+    gt = {"images": [{"id": 1, "file_name": "a.png", "width": 32, "height": 32}], "annotations": [],
+          "categories": [{"id": 1, "name": "a"}]}
+    dets = [dict(image_id=1, category_id=1, bbox=[1.0, 2.0, 10.0, 10.0], score=0.9)]
+    direct = coco_evaluate(gt, dets)
+    metric = mean_average_precision()
+    metric.update([dict(boxes=torch.tensor([[1.0, 2.0, 11.0, 12.0]]), scores=torch.tensor([0.9]), labels=torch.tensor([0]))],
+                  [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))])
+    res = metric.compute()
+    assert direct["map"] == -1 and float(res["map"]) == -1
