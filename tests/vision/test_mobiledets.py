@@ -352,3 +352,20 @@ def test_onnx_export_parity_raw_and_postprocessed(tmp_path):
     assert len(sess.get_outputs()) == 4  # boxes, scores, labels, num_detections
     boxes, scores, labels, num = sess.run(None, {sess.get_inputs()[0].name: torch.randn(3, 3, 96, 96).numpy()})
     assert boxes.shape == (3, 20, 4) and labels.shape == (3, 20) and num.shape == (3,)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from zoo.checkpoints import save_file
+
+    torch.manual_seed(0)
+    det = zoo.create_model("ssdlite_mobiledet_gpu", num_classes=2, multiplier=0.25).eval()
+    save_file(det.state_dict(), tmp_path / "det.safetensors")
+    again = zoo.create_model("ssdlite_mobiledet_gpu", num_classes=2, multiplier=0.25,
+                             checkpoint_path=tmp_path / "det.safetensors").eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(det(x), again(x)))
+    from zoo.checkpoints import KeyMismatchError
+
+    with pytest.raises(KeyMismatchError, match="cls_heads"):  # another label set: named, not silently dropped
+        zoo.create_model("ssdlite_mobiledet_gpu", num_classes=3, multiplier=0.25, checkpoint_path=tmp_path / "det.safetensors")

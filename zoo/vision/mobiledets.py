@@ -24,7 +24,6 @@ Detector API (shared with every detector of :mod:`zoo.tasks.detection`):
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Sequence
 
@@ -39,8 +38,6 @@ from torchvision.ops import batched_nms, box_iou, nms, sigmoid_focal_loss
 
 from zoo.layers import ConvNorm
 from zoo.registry import ModelCfg, register_model
-
-log = logging.getLogger(__name__)
 
 # (eps, momentum) with PyTorch momentum = 1 - TF decay.
 BACKBONE_BN = (0.01, 0.01)  # extract_features: epsilon 0.01, decay 0.99
@@ -772,24 +769,8 @@ class DetectionPostprocess(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Our layout only (no converted TF weights are published; see MODEL_CARD.md for the TF1 mapping).
-
-    Class predictors whose shape differs from the model's (another ``num_classes``) are dropped with a warning,
-    so a detector fine-tuned on a new label set starts from the rest of the weights; create_model then reports
-    them as missing unless the caller allows it.
-    """
-    own = model.state_dict()
-    out = {}
-    for k, v in state_dict.items():
-        if k.startswith(("cls_heads.", "head.fc.")) and k in own and own[k].shape != v.shape:
-            log.warning("%s: checkpoint shape %s != model %s (different num_classes): not loaded", k,
-                        tuple(v.shape), tuple(own[k].shape))
-            continue
-        out[k] = v
-    return out
+# No converter ships: the official weights are TF1 checkpoints (see MODEL_CARD.md, "MobileDets", for the mapping) and
+# none can be fetched or read here to test one. Checkpoints in our layout (e.g. from `zoo fit`) load directly.
 
 
 # ------------------------------------------------------------------------------------------ registrations
