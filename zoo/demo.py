@@ -1,6 +1,6 @@
 """The main job (``make demo``): train the quickstart recipe, test it, deploy, export, benchmark, summarize.
 
-    python -m zoo.demo [--skip-full-size]
+    python -m zoo.demo [--full-size]
 
 Everything lands in runs/quickstart/ (the recipe's folder), which is wiped first so the demo is reproducible.
 """
@@ -20,7 +20,7 @@ def _log_dir(cli) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m zoo.demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--skip-full-size", action="store_true", help="do not bench the published nextvit_small at 224")
+    ap.add_argument("--full-size", action="store_true", help="also bench the published nextvit_small at 224 (slow)")
     args = ap.parse_args(argv)
 
     from zoo.bench import format_table, measure, plot_pareto, write_csv
@@ -29,28 +29,30 @@ def main(argv: list[str] | None = None) -> int:
     out = Path("runs/quickstart")  # trainer.default_root_dir of recipes/quickstart.yaml
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
+    stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
     print("== 1/4 training recipes/quickstart.yaml (Next-ViT sized for a CPU, digits 32x32)")
     cli = run_lightning_cli(["fit", "-c", "quickstart"])
     t_train = time.perf_counter() - t0
     ckpt = cli.trainer.checkpoint_callback.best_model_path
 
-    print("== 2/4 testing the best checkpoint")
+    print(stamp(), "== 2/4 testing the best checkpoint")
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]
     acc = results["test/acc"]
 
     deploy_cb = next(c for c in cli.trainer.callbacks if isinstance(c, DeployExport))
-    print("== 3/4 deploy weights and ONNX (parity-checked against eager):", deploy_cb.paths)
+    print(stamp(), "== 3/4 deploy weights and ONNX (parity-checked against eager):", deploy_cb.paths)
 
-    print("== 4/4 latency: the trained model, eager vs deploy vs onnxruntime (batch 1, 32x32)")
+    print(stamp(), "== 4/4 latency: the trained model, eager vs deploy vs onnxruntime (batch 1, 32x32)")
     net = cli.model.model.cpu().eval()
     x = torch.randn(1, 3, 32, 32)
     rows = []
     for rt in ("eager", "deploy", "onnxruntime"):
         r = measure(net, x, rt, warmup=10, iters=50, threads=2)
         rows.append({"model": "quickstart (nextvit, digits)", "runtime": rt, "batch_size": 1, "input_size": "3x32x32",
+                     "threads": r["threads"],
                      "params_m": round(r["params"] / 1e6, 3), "top1": round(100 * acc, 2),
                      **{k: round(r[k], 3) for k in ("median_ms", "p90_ms", "throughput")}})
-    if not args.skip_full_size:
+    if args.full_size:
         from zoo.bench import bench_models
 
         full = bench_models(["nextvit_small"], runtimes=("eager", "deploy", "onnxruntime"), threads=2, warmup=3,
