@@ -151,7 +151,7 @@ def make_shapes_dataset(
     from PIL import Image
 
     root = Path(root)
-    splits = splits or {"train": 2000, "val": 200, "test": 200}
+    splits = splits or {"train": 8000, "val": 200, "test": 200}
     if (root / "done").exists():
         return root
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
@@ -454,7 +454,7 @@ class COCODetection(L.LightningDataModule):
         from zoo.checkpoints import zoo_home
 
         opts = dict(self.shapes)
-        splits = opts.get("splits") or {"train": 2000, "val": 200, "test": 200}
+        splits = opts.get("splits") or {"train": 8000, "val": 200, "test": 200}
         tag = "-".join(f"{k}{v}" for k, v in splits.items())
         extra = "-".join(f"{k}{opts[k]}" for k in sorted(opts) if k != "splits")
         base = Path(self.data_dir) if self.data_dir else zoo_home() / "data"
