@@ -180,11 +180,13 @@ def test_predict_writes_boxes_json_and_drawn_images(shapes_dir, tmp_path):
     assert (tmp_path / "out" / "grey.json").exists() and (tmp_path / "out" / "grey.png").exists()
 
 
-def test_zoo_predict_cli(shapes_dir, tmp_path):
+def test_zoo_predict_cli(shapes_dir, tmp_path, monkeypatch):
     """`zoo predict -c <recipe>` on a folder of images writes JSON + drawn images through the writer callback."""
     from PIL import Image
 
     from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)  # LightningCLI saves config.yaml in the working directory
 
     img_dir = tmp_path / "in"
     img_dir.mkdir()
@@ -195,6 +197,7 @@ seed_everything: 0
 trainer:
   accelerator: cpu
   logger: false
+  default_root_dir: {tmp_path / 'run'}
   callbacks:
     - class_path: zoo.data.detection.DetectionWriter
       init_args: {{output_dir: {tmp_path / 'pred'}, score_threshold: 0.0}}
