@@ -226,3 +226,16 @@ def test_empty_annotation_set_is_evaluated_as_coco_does(tmp_path):
                   [dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))])
     res = metric.compute()
     assert direct["map"] == -1 and float(res["map"]) == -1
+
+
+def test_image_size_comes_from_the_model_config(shapes_dir):
+    """A DataModule without image_size resizes to the model's configured input (320 for the MobileDets)."""
+    from types import SimpleNamespace
+
+    dm = COCODetection(data_dir=str(shapes_dir / "dm"), shapes=dict(splits=SPLITS, min_size=64, max_size=96))
+    task = ObjectDetection("ssdlite_mobiledet_cpu", model_args=TINY, num_classes=5)
+    task._trainer = SimpleNamespace(datamodule=dm)
+    task.setup("fit")
+    assert dm.image_size == 320
+    images, _ = next(iter(dm.val_dataloader()))
+    assert images.shape[-2:] == (320, 320)
