@@ -593,7 +593,7 @@ class DetectionWriter(BasePredictionWriter):
         dm = trainer.datamodule
         try:
             return list(dm.class_names), dict(dm.label_to_category)
-        except Exception:  # a datamodule without annotations: fall back to indices
+        except (AttributeError, ValueError, FileNotFoundError):  # no annotation file (predict only): indices
             return None, None
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
