@@ -234,6 +234,98 @@ def test_download_from_hugging_face_hub(server, hf_endpoint, tmp_path):
                  cache_dir=tmp_path, progress=False)
 
 
+def _dead_port() -> int:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("kind", ["url", "hub"])
+def test_offline_fails_at_once_and_says_where_to_place_the_file(server, hf_endpoint, tmp_path, monkeypatch, kind):
+    import time
+
+    body = _st_bytes({"w": torch.arange(4.0)})
+    if kind == "url":
+        url = _serve(server, "/offline/weights.safetensors", body)
+        src, served = CheckpointSource(url=url, sha256=_sha(body)), "/offline/weights.safetensors"
+    else:
+        served = hf_endpoint("zoo-test/offline", "model.safetensors", body)
+        src, url = CheckpointSource(hf_hub_id="zoo-test/offline", sha256=_sha(body)), server.url + served
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n0 = len(server.requests)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as ei:
+        download(src, cache_dir=tmp_path, progress=False)
+    assert time.perf_counter() - t0 < 3
+    dest = checkpoints.cached_path(src, tmp_path)
+    msg = str(ei.value)
+    assert "offline" in msg and url in msg and str(dest) in msg and dest.name in msg and _sha(body) in msg
+    assert len(server.requests) == n0, "offline mode must not touch the network"
+
+    # placing the file where the message says makes the same call work, still offline (and still hash-checked)
+    dest.parent.mkdir(parents=True)
+    dest.write_bytes(body)
+    assert download(src, cache_dir=tmp_path, progress=False) == dest
+    dest.write_bytes(body[:-1] + b"!")
+    with pytest.raises(CheckpointError, match="offline"):  # the corrupt copy is dropped, and offline means no refetch
+        download(src, cache_dir=tmp_path, progress=False)
+    assert not dest.exists()
+
+
+@pytest.mark.parametrize("kind", ["url", "hub"])
+def test_unreachable_server_fails_within_seconds(tmp_path, monkeypatch, kind):
+    import time
+
+    from huggingface_hub import constants
+
+    dead = f"http://127.0.0.1:{_dead_port()}"
+    monkeypatch.setattr(constants, "ENDPOINT", dead)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if kind == "url":
+        src = CheckpointSource(url=dead + "/w/nextvit.safetensors")
+    else:  # huggingface_hub alone retries a refused connection with back-off for ~25 s
+        src = CheckpointSource(hf_hub_id="zoo-test/unreachable", hf_filename="model.safetensors")
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as ei:
+        download(src, cache_dir=tmp_path, progress=False)
+    assert time.perf_counter() - t0 < 5
+    msg = str(ei.value)
+    assert checkpoints.source_url(src) in msg and str(checkpoints.cached_path(src, tmp_path)) in msg
+    assert "cannot be reached" in msg and _files(tmp_path) == []
+
+
+def test_pinned_hashes_are_checked_and_belong_to_registered_tags(server, tmp_path, monkeypatch):
+    from zoo.registry import list_models, resolve_cfg
+
+    locations = {resolve_cfg(n)[2].source.location for n in list_models(pretrained=True)}
+    assert checkpoints.PINNED_SHA256 and set(checkpoints.PINNED_SHA256) <= locations
+    assert all(len(v) == 64 and int(v, 16) >= 0 for v in checkpoints.PINNED_SHA256.values())
+
+    body = b"pretend release" * 10
+    url = _serve(server, "/pinned/file.bin", body)
+    monkeypatch.setitem(checkpoints.PINNED_SHA256, url, "1" * 64)  # the page says another hash: refused, not kept
+    with pytest.raises(HashMismatchError, match="1111"):
+        download(CheckpointSource(url=url), cache_dir=tmp_path, progress=False)
+    assert _files(tmp_path) == []
+    monkeypatch.setitem(checkpoints.PINNED_SHA256, url, _sha(body))
+    assert download(CheckpointSource(url=url), cache_dir=tmp_path, progress=False).read_bytes() == body
+
+
+def test_create_model_pretrained_offline_names_the_cache_path(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as ei:
+        zoo.create_model("nextvit_small.bd_ssld_6m_in1k", pretrained=True, cache_dir=tmp_path, **SMALL)
+    assert time.perf_counter() - t0 < 5
+    msg = str(ei.value)
+    src = get_entry("nextvit_small").tags["bd_ssld_6m_in1k"].source
+    assert "/timm/nextvit_small.bd_ssld_6m_in1k/resolve/main/model.safetensors" in msg
+    assert str(checkpoints.cached_path(src, tmp_path)) in msg and checkpoints.PINNED_SHA256[src.location] in msg
+
+
 # ---------------------------------------------------------------------------------------------- safe loading
 
 
@@ -268,6 +360,8 @@ def test_pickle_that_runs_code_is_refused_and_never_executed(tmp_path, writer):
     with pytest.raises(UnsafeCheckpointError) as ei:
         load_file(path)
     assert str(path) in str(ei.value) and "safetensors" in str(ei.value)
+    assert "pathlib" in str(ei.value), "the error names what the pickle would import"
+    assert "weights_only" not in str(ei.value), "torch's advice to disable the safe loader is not repeated"
     assert not marker.exists(), "the checkpoint's code must never run"
     with pytest.raises(UnsafeCheckpointError):
         zoo.create_model("nextvit_small", checkpoint_path=path, **SMALL)
@@ -279,6 +373,21 @@ def test_unreadable_files(tmp_path):
     junk.write_bytes(b"this is not a checkpoint at all")
     with pytest.raises(CheckpointError, match="junk.pth"):
         load_file(junk)
+    # random bytes and a truncated torch archive are corrupt files, not pickles that would run code, and the error
+    # does not repeat torch's advice to load with weights_only=False
+    rand = tmp_path / "random.pth"
+    rand.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+                     .numpy().tobytes())
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(100)}, buf)
+    trunc = tmp_path / "truncated.pth"
+    trunc.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    for bad in (junk, rand, trunc):
+        with pytest.raises(CheckpointError) as ei:
+            load_file(bad)
+        assert not isinstance(ei.value, UnsafeCheckpointError), str(ei.value)
+        msg = str(ei.value)
+        assert str(bad) in msg and "corrupt" in msg and "weights_only" not in msg and "import or call" not in msg
     with pytest.raises(CheckpointError, match="does not exist"):
         load_file(tmp_path / "absent.safetensors")
     bad_st = tmp_path / "broken.safetensors"

@@ -3,6 +3,10 @@
 Cache: ``$ZOO_HOME`` (default ``~/.cache/zoo``); Hugging Face files go through ``huggingface_hub`` and its cache
 (``HF_HOME`` / ``HF_ENDPOINT`` respected). Every download is written to a temporary file in the cache folder and
 renamed into place only after its sha256 matched, so an interrupted or corrupted transfer never leaves a file behind.
+
+Offline: with ``HF_HUB_OFFLINE=1`` (or ``ZOO_OFFLINE=1``), or when the server cannot be reached within
+``ZOO_CONNECT_TIMEOUT`` seconds (default 5), nothing is retried: the error names the file, its URL and the exact path
+(:func:`cached_path`, for URL and hub files alike) where a copy placed by hand is picked up.
 """
 from __future__ import annotations
 
@@ -10,8 +14,10 @@ import hashlib
 import http.client
 import logging
 import os
-import pickle
+import pickletools
+import socket
 import tempfile
+import zipfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -56,25 +62,118 @@ def _file_name(source: CheckpointSource) -> str:
     return Path(urllib.request.urlparse(source.url or "").path).name or "checkpoint.bin"
 
 
+# sha256 of released files, keyed by CheckpointSource.location, for sources whose family entry pins none. Each value
+# is the "Git LFS Details: SHA256" that the Hugging Face file page lists (the page named in the comment); a download
+# that does not match is not kept. MODEL_CARD.md lists the tags these cover ("verified").
+PINNED_SHA256: dict[str, str] = {
+    # https://huggingface.co/timm/nextvit_small.bd_ssld_6m_in1k/blob/main/model.safetensors (commit 4bdc94b)
+    "hf://timm/nextvit_small.bd_ssld_6m_in1k/model.safetensors":
+        "cc15a70eae88347934fea2b1b2a9f809e48e67e94875fcbdb666525a50643956",
+    # https://huggingface.co/timm/fastvit_t12.apple_in1k/blob/main/model.safetensors (commit 368fd09)
+    "hf://timm/fastvit_t12.apple_in1k/model.safetensors":
+        "ec5022429778ac28f0abc778568143ce56b2ac028c4c1939cc61c86f9c63ae73",
+    # https://huggingface.co/timm/fastvit_sa12.apple_in1k/blob/main/model.safetensors (commit 4a83ca7)
+    "hf://timm/fastvit_sa12.apple_in1k/model.safetensors":
+        "4c41bc351018c691167b661e3bb03bcd713a2915ef7128e118877ca0ca5b5afa",
+    # https://huggingface.co/timm/fastvit_sa12.apple_dist_in1k/blob/main/model.safetensors (commit bd7cc24)
+    "hf://timm/fastvit_sa12.apple_dist_in1k/model.safetensors":
+        "18b9da4a792331715218461c78c2560781771a5cbbbd8e028940d6f964298bbb",
+    # https://huggingface.co/timm/fastvit_sa24.apple_dist_in1k/blob/main/model.safetensors (commit 6234320)
+    "hf://timm/fastvit_sa24.apple_dist_in1k/model.safetensors":
+        "c38594c380a5542da9e6ac3c36af95ab180d54e8982c822c677e452e03217a10",
+}
+
+
+def expected_sha256(source: CheckpointSource) -> str | None:
+    """The sha256 a download must have: the source's own, else the pinned one for its location, else None."""
+    return source.sha256 or PINNED_SHA256.get(source.location)
+
+
+def _hf_filename(source: CheckpointSource) -> str:
+    return source.hf_filename or "model.safetensors"
+
+
+def source_url(source: CheckpointSource) -> str:
+    """The http(s) URL a source is fetched from (for a hub file: the endpoint's resolve URL, HF_ENDPOINT respected)."""
+    if source.hf_hub_id:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(source.hf_hub_id, _hf_filename(source))
+    return source.url or "<no source>"
+
+
 def cached_path(source: CheckpointSource, cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where a URL source is (or will be) cached."""
-    key = (source.sha256 or hashlib.sha256((source.url or "").encode()).hexdigest())[:16]
+    """Where a source is (or will be) cached by zoo, and where a copy downloaded by hand is picked up.
+
+    URL files are downloaded here; for hub files this is checked before the Hugging Face cache, so placing the file
+    here works for both kinds of source.
+    """
+    key = (expected_sha256(source) or hashlib.sha256(source.location.encode()).hexdigest())[:16]
     return Path(cache_dir or zoo_home()) / "checkpoints" / key / _file_name(source)
 
 
 def _manual_hint(source: CheckpointSource, dest: Path) -> str:
+    sha = expected_sha256(source)
     return (
-        f"Download {source.location} by hand and place it at {dest} "
-        f"(or pass checkpoint_path= / set ZOO_HOME to a folder that holds it)."
+        f"Download {_file_name(source)} from {source_url(source)} by hand and place it at {dest}"
+        + (f" (sha256 {sha})" if sha else "")
+        + "; or pass checkpoint_path= / set ZOO_HOME to a folder that holds it."
     )
 
 
+def offline() -> bool:
+    """HF_HUB_OFFLINE or ZOO_OFFLINE set to a true value (read at call time)."""
+    truthy = {"1", "true", "yes", "on"}
+    if any(os.environ.get(k, "").strip().lower() in truthy for k in ("HF_HUB_OFFLINE", "ZOO_OFFLINE")):
+        return True
+    try:
+        from huggingface_hub import constants
+
+        return bool(constants.is_offline_mode())
+    except Exception:  # noqa: BLE001 - an old huggingface_hub without the helper
+        return False
+
+
+def _unreachable(url: str) -> str | None:
+    """Why ``url``'s server (or the proxy for its scheme) cannot be reached quickly; None when it answers.
+
+    One TCP connect with a short timeout, so an offline machine fails in seconds instead of going through the
+    HTTP client's retries and back-off.
+    """
+    parsed = urllib.request.urlparse(url)
+    if parsed.scheme not in ("http", "https"):
+        return None
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        parsed = urllib.request.urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    timeout = float(os.environ.get("ZOO_CONNECT_TIMEOUT", "5"))
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port} cannot be reached ({e.strerror or e})"
+    return None
+
+
+def _check_online(source: CheckpointSource, dest: Path) -> None:
+    url = source_url(source)
+    if offline():
+        raise CheckpointError(
+            f"{_file_name(source)} is not in the cache and offline mode is on (HF_HUB_OFFLINE / ZOO_OFFLINE). "
+            + _manual_hint(source, dest)
+        )
+    why = _unreachable(url)
+    if why:
+        raise CheckpointError(f"could not download {_file_name(source)} from {url}: {why}. " + _manual_hint(source, dest))
+
+
 def _verify(path: Path, source: CheckpointSource) -> None:
-    if source.sha256:
+    sha = expected_sha256(source)
+    if sha:
         got = sha256_file(path)
-        if got != source.sha256:
+        if got != sha:
             raise HashMismatchError(
-                f"sha256 mismatch for {_file_name(source)} from {source.location}: expected {source.sha256}, "
+                f"sha256 mismatch for {_file_name(source)} from {source.location}: expected {sha}, "
                 f"got {got}. The file was not kept; retry the download or check the source."
             )
 
@@ -107,29 +206,30 @@ def _download_url(url: str, dest: Path, source: CheckpointSource, progress: bool
         tmp.unlink(missing_ok=True)
 
 
-def download(source: CheckpointSource, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
-    """Return a local, hash-verified path for ``source``, downloading it once."""
-    if source.hf_hub_id:
-        try:
-            from huggingface_hub import hf_hub_download
+def _hub_download(source: CheckpointSource, cache_dir, dest: Path) -> Path:
+    from huggingface_hub import hf_hub_download
 
-            path = Path(
-                hf_hub_download(
-                    source.hf_hub_id,
-                    source.hf_filename or "model.safetensors",
-                    cache_dir=cache_dir,
-                    library_name="pareto-zoo",
-                )
-            )
-        except Exception as e:  # hub errors come in many classes (offline, 404, gated repo)
-            raise CheckpointError(
-                f"could not fetch {source.location}: {e}. Download it by hand and pass checkpoint_path=."
-            ) from e
-        _verify(path, source)
-        return path
-    if not source.url:
+    kw = dict(cache_dir=cache_dir, library_name="pareto-zoo")
+    try:  # the hub cache first, without touching the network (released files do not change under a tag)
+        return Path(hf_hub_download(source.hf_hub_id, _hf_filename(source), local_files_only=True, **kw))
+    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or an unreadable cache entry
+        pass
+    _check_online(source, dest)
+    try:
+        return Path(hf_hub_download(source.hf_hub_id, _hf_filename(source), **kw))
+    except Exception as e:  # hub errors come in many classes (404, gated repo, dropped connection)
+        raise CheckpointError(f"could not fetch {source.location}: {e}. {_manual_hint(source, dest)}") from e
+
+
+def download(source: CheckpointSource, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """Return a local, hash-verified path for ``source``, downloading it once.
+
+    A file at :func:`cached_path` (downloaded earlier, or placed there by hand) is used first, for URL and hub
+    sources alike; offline or with the server unreachable, the error says where to put the file.
+    """
+    if not source.url and not source.hf_hub_id:
         raise CheckpointError("checkpoint source has neither url nor hf_hub_id")
-    if source.url.startswith("file://"):
+    if source.url and source.url.startswith("file://"):
         path = Path(urllib.request.url2pathname(urllib.request.urlparse(source.url).path))
         if not path.exists():
             raise CheckpointError(f"checkpoint file {path} does not exist")
@@ -143,6 +243,11 @@ def download(source: CheckpointSource, cache_dir: str | os.PathLike | None = Non
         except HashMismatchError:
             log.warning("cached %s does not match its hash; downloading again", dest)
             dest.unlink()
+    if source.hf_hub_id:
+        path = _hub_download(source, cache_dir, dest)
+        _verify(path, source)
+        return path
+    _check_online(source, dest)
     _download_url(source.url, dest, source, progress)
     return dest
 
@@ -174,14 +279,93 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: unpickling it would import or call code outside plain tensors and containers "
-            f"({str(e).splitlines()[0]}). Nothing from it was executed. Convert it to safetensors in a trusted "
-            f"environment, or re-save only its state_dict."
-        ) from e
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable torch checkpoint: {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, IndexError, ... on bad files
+        raise _load_error(path, e) from e
+
+
+# Opcodes that import or call something while unpickling; a torch checkpoint's only such targets are torch's tensor
+# rebuilders, storages and OrderedDict, which torch's weights-only unpickler accepts.
+_CODE_OPS = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def _pickle_globals(data: bytes, max_pickles: int = 4) -> list[str] | None:
+    """The module.name globals named by the pickle(s) at the start of ``data``; None when it is not a pickle.
+
+    Parsed with ``pickletools`` (reading opcodes only, nothing is executed). A legacy ``torch.save`` file is a few
+    pickles in a row followed by raw storage bytes, hence ``max_pickles``.
+    """
+    names: list[str] = []
+    pos = 0
+    for _ in range(max_pickles):
+        if pos >= len(data):
+            break
+        try:
+            end = None
+            recent: list[object] = []  # the last values pushed (strings, memo reads): STACK_GLOBAL's two operands
+            memo: dict[int, object] = {}
+            for op, arg, at in pickletools.genops(data[pos:]):
+                if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                    recent.append(str(arg))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = recent[-1] if recent else None
+                elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                    memo[int(arg)] = recent[-1] if recent else None
+                elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+                    recent.append(memo.get(int(arg)))
+                elif op.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif op.name == "STACK_GLOBAL":
+                    names.append(f"{recent[-2]}.{recent[-1]}" if len(recent) >= 2 else "?")
+                else:
+                    recent.append(None)
+                if op.name == "STOP":
+                    end = at + 1
+        except Exception:  # noqa: BLE001 - unknown opcode, truncated stream: not (or no longer) a pickle
+            return None if pos == 0 else names
+        if end is None:
+            return None if pos == 0 else names
+        pos += end
+    return names
+
+
+def _load_error(path: Path, e: Exception) -> CheckpointError:
+    """Tell a pickle that would run code apart from a file that is simply corrupt, truncated or not a checkpoint."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(pkl) if pkl else b""
+        else:
+            data = path.read_bytes()[: 64 << 20]
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        data = b""
+    names = _pickle_globals(data) if data else None
+    if names is None:
+        detail = str(e).strip().split(". ")[0] if isinstance(e, RuntimeError) else ""  # e.g. torch's zip reader
+        return CheckpointError(
+            f"{path} is corrupt, truncated or not a checkpoint: it is neither a safetensors file nor a readable torch "
+            f"archive or pickle{(' (' + detail[:200] + ')') if detail else ''}. Nothing from it was executed. "
+            f"Download it again or check that it is the file you meant."
+        )
+    unusual = sorted({n for n in names if not n.startswith(("torch.", "collections.OrderedDict"))})
+    ops = {op.name for op, _, _ in _safe_genops(data)}
+    what = ", ".join(unusual[:8]) + (" ..." if len(unusual) > 8 else "") if unusual else ""
+    if not what:  # torch's own message says which global or opcode it refused; keep that line, not its advice
+        line = next((ln.strip() for ln in str(e).splitlines() if "WeightsUnpickler error:" in ln or "Unsupported" in ln),
+                    "")
+        what = line.replace("WeightsUnpickler error:", "").strip() or ", ".join(sorted(ops & _CODE_OPS))
+    return UnsafeCheckpointError(
+        f"refused to load {path}: unpickling it would import or call code outside plain tensors and containers "
+        f"({what or 'objects torch does not load safely'}). Nothing from it was executed. Convert it to safetensors in "
+        f"a trusted environment, or re-save only its state_dict."
+    )
+
+
+def _safe_genops(data: bytes):
+    try:
+        return list(pickletools.genops(data))
+    except Exception:  # noqa: BLE001
+        return []
 
 
 _WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model", "module")
