@@ -298,8 +298,11 @@ def test_unreachable_server_fails_within_seconds(tmp_path, monkeypatch, kind):
 def test_pinned_hashes_are_checked_and_belong_to_registered_tags(server, tmp_path, monkeypatch):
     from zoo.registry import list_models, resolve_cfg
 
-    locations = {resolve_cfg(n)[2].source.location for n in list_models(pretrained=True)}
-    assert checkpoints.PINNED_SHA256 and set(checkpoints.PINNED_SHA256) <= locations
+    tag_of = {resolve_cfg(n)[2].source.location: n for n in list_models(pretrained=True)}
+    assert checkpoints.PINNED_SHA256 and set(checkpoints.PINNED_SHA256) <= set(tag_of)
+    card = (pathlib.Path(__file__).resolve().parents[1] / "MODEL_CARD.md").read_text()
+    for loc, sha in checkpoints.PINNED_SHA256.items():  # the model card lists every verified tag
+        assert f"| `{tag_of[loc]}` | `{loc}` | `{sha[:16]}` |" in card
     assert all(len(v) == 64 and int(v, 16) >= 0 for v in checkpoints.PINNED_SHA256.values())
 
     body = b"pretend release" * 10
