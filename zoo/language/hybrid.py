@@ -21,6 +21,7 @@ This module needs only PyTorch; the transformers classes are in :mod:`zoo.langua
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,12 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = [
     "HybridConfig", "HybridCache", "HybridDecoder", "HybridLM", "OPERATORS", "register_operator",
-    "RMSNorm", "SwiGLU", "ShortConv", "GQAttention", "ContextLengthError", "quantize_int8_",
+    "RMSNorm", "SwiGLU", "ShortConv", "GQAttention", "ContextLengthError", "quantize_int8_", "Int8Linear",
+    "Int8Embedding", "HybridStaticCache", "causal_lm_loss", "hf_model_classes",
 ]
 
 
@@ -129,20 +132,32 @@ def register_operator(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]
 
 
 class KVBuffer:
-    """Growing key/value store of one attention layer: ``[B, kv_heads, capacity, head_dim]``, amortised growth."""
+    """Key/value store of one attention layer: ``[B, kv_heads, capacity, head_dim]``.
 
-    def __init__(self, capacity: int = 0):
+    Dynamic buffers grow (amortised, in steps of 64 positions); static ones are allocated once at ``capacity``
+    and never grow (the ``cache_implementation="static"`` variant)."""
+
+    def __init__(self, capacity: int = 0, static: bool = False):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0
         self.capacity_hint = capacity
+        self.static = static
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
         need = self.length + t
         if self.k is None or need > self.k.shape[2]:
-            cap = max(need, self.capacity_hint, 2 * (self.k.shape[2] if self.k is not None else 0))
-            cap = 64 * math.ceil(cap / 64)
+            if self.static and (self.k is not None or need > self.capacity_hint):
+                raise ValueError(
+                    f"static cache is full: it holds {self.capacity_hint} positions and {need} are needed; create it "
+                    f"with a larger max_cache_len (or use the dynamic cache)"
+                )
+            if self.static:
+                cap = self.capacity_hint
+            else:
+                cap = max(need, self.capacity_hint, 2 * (self.k.shape[2] if self.k is not None else 0))
+                cap = 64 * math.ceil(cap / 64)
             nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
             nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
             if self.k is not None and self.length:
@@ -156,31 +171,166 @@ class KVBuffer:
 
     def select(self, rows: torch.Tensor) -> None:
         if self.k is not None:
-            self.k, self.v = self.k[rows], self.v[rows]
+            self.k, self.v = self.k[rows.to(self.k.device)], self.v[rows.to(self.v.device)]
 
 
-class HybridCache:
-    """Decode state of a hybrid decoder.
+class _HybridCacheState:
+    """Decode state of a hybrid decoder (the logic of :class:`HybridCache`, which adds transformers' ``Cache`` as a
+    base class when transformers is installed).
 
-    ``layers[i]`` belongs to operator *i* (a ``[B, L-1, hidden]`` window for conv layers, a :class:`KVBuffer` for
-    attention layers, whatever a future operator needs). The cache also remembers which past positions were padding
-    (``key_mask``) and the next RoPE position of every row, so callers only pass the new tokens.
+    ``layers[i]`` belongs to operator *i*: the last ``L-1`` conv inputs ``[B, L-1, hidden]`` for a conv layer, a
+    :class:`KVBuffer` for an attention layer, whatever a future operator keeps. The cache also remembers which past
+    positions were padding (``key_mask``) and the next RoPE position of every row, so callers pass only new tokens.
+
+    Rolling back (``crop``, used by assisted and prompt-lookup decoding) needs the conv windows of the dropped steps:
+    after :meth:`activate_past_recording` every conv layer keeps its inputs since the last ``crop`` (KV buffers can
+    always be cut).
     """
 
-    def __init__(self, num_layers: int, max_length: int = 0):
-        self.layers: list[Any] = [None] * num_layers
+    is_compileable = False  # python-side bookkeeping per step; transformers must not auto-compile or build 4-D masks
+    is_static = False
+
+    def __init__(self, config: Any = None, max_length: int = 0, *, max_cache_len: int | None = None, **_: Any):
+        if isinstance(config, int):
+            n, kinds = config, None
+        elif config is not None and hasattr(config, "layer_types"):
+            kinds = tuple(config.layer_types)
+            n = len(kinds)
+        elif isinstance(config, (list, tuple)):
+            kinds = tuple(config)
+            n = len(kinds)
+        else:
+            raise TypeError(
+                f"{type(self).__name__}(config, ...) needs the model config (with layer_types) or the number of "
+                f"layers, got {type(config).__name__}"
+            )
+        self.layers: list[Any] = [None] * n
+        self.layer_kinds = kinds
         self.seen = 0  # time steps consumed, padding included
         self.key_mask: torch.Tensor | None = None  # [B, seen] bool, None while no row has padding
         self.next_position: torch.Tensor | None = None  # [B] long
-        self.max_length = max_length
+        self.max_length = max_cache_len if max_cache_len is not None else max_length
+        self.record_past = False
+        self._history: dict[int, torch.Tensor] = {}  # conv layer -> its windows since `_hist_start` (recording)
+        self._hist_start: int | None = None
 
+    # ------------------------------------------------------------------ per-operator hooks
+    def kv_buffer(self, layer_idx: int) -> KVBuffer:
+        if self.layers[layer_idx] is None:
+            self.layers[layer_idx] = KVBuffer(self.max_length, static=self.is_static)
+        return self.layers[layer_idx]
+
+    def conv_window(self, layer_idx: int, y: torch.Tensor, k: int) -> torch.Tensor:
+        """``[B, k-1+T, d]``: the cached last ``k-1`` inputs followed by the new ``y``; stores the new state."""
+        st = self.layers[layer_idx]
+        window = F.pad(y, (0, 0, k - 1, 0)) if st is None else torch.cat([st.to(y.dtype), y], dim=1)
+        kept = window.detach()
+        if self.record_past:
+            h = self._history.get(layer_idx)
+            self._history[layer_idx] = kept if h is None else torch.cat([h, y.detach()], dim=1)
+        # a decode step's window is fresh and tiny: keep a view; a prefill's is big: keep a copy of the tail
+        tail = kept[:, -(k - 1):]
+        self.layers[layer_idx] = tail if y.shape[1] == 1 else tail.clone()
+        return window
+
+    def begin(self, past: int) -> None:
+        if self.record_past and self._hist_start is None:
+            self._hist_start = past
+
+    # ------------------------------------------------------------------ transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def __len__(self) -> int:
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_length if self.is_static else -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
         return self.seen
 
-    def select(self, rows: torch.Tensor | Sequence[int]) -> "HybridCache":
+    def __len__(self) -> int:  # like transformers: the number of layers
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={len(self.layers)}, seen={self.seen}, recording={self.record_past})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen > 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return self.record_past or not any(isinstance(s, torch.Tensor) for s in self.layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    @property
+    def is_linear(self) -> list[bool]:
+        if self.layer_kinds is not None:
+            return [k != "full_attention" for k in self.layer_kinds]
+        return [isinstance(s, torch.Tensor) for s in self.layers]
+
+    @property
+    def batch_size(self) -> int:
+        for s in [self.key_mask, self.next_position, *self.layers]:
+            if isinstance(s, torch.Tensor):
+                return s.shape[0]
+            if isinstance(s, KVBuffer) and s.k is not None:
+                return s.k.shape[0]
+        return -1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' KV update for an attention layer (appends and returns all keys / values so far)."""
+        return self.kv_buffer(layer_idx).append(key_states, value_states)
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+
+    def is_recording_past(self, layer_idx: int = 0) -> bool:
+        return self.record_past
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last ``-tokens_to_remove`` positions (transformers' convention: a non-positive number)."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"crop({tokens_to_remove}): pass a negative number of positions to remove (transformers' convention)"
+            )
+        n = -int(tokens_to_remove)
+        if n:
+            new = self.seen - n
+            if new < 0:
+                raise ValueError(f"cannot remove {n} positions from a cache holding {self.seen}")
+            has_conv = any(isinstance(s, torch.Tensor) for s in self.layers)
+            if has_conv and (self._hist_start is None or new < self._hist_start):
+                raise RuntimeError(
+                    "the conv windows of this hybrid cache cannot be rolled back that far: call "
+                    "cache.activate_past_recording() before the forwards to undo (it keeps the inputs since the last "
+                    "crop)"
+                )
+            for i, s in enumerate(self.layers):
+                if isinstance(s, KVBuffer):
+                    s.length = min(s.length, new)
+                elif isinstance(s, torch.Tensor):
+                    m = new - self._hist_start
+                    self.layers[i] = self._history[i][:, m : m + s.shape[1]].clone()
+            if self.next_position is not None:
+                removed = self.key_mask[:, new:].sum(1) if self.key_mask is not None else n
+                self.next_position = self.next_position - removed
+            if self.key_mask is not None:
+                self.key_mask = self.key_mask[:, :new]
+            self.seen = new
+        self._history.clear()  # back to the minimal state; recording (if on) restarts at the next forward
+        self._hist_start = None
+
+    def select(self, rows: torch.Tensor | Sequence[int]):
         """Keep (and reorder) batch rows in place, e.g. to drop finished sequences or for beam search."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         for i, st in enumerate(self.layers):
@@ -188,13 +338,81 @@ class HybridCache:
                 self.layers[i] = st[rows.to(st.device)]
             elif hasattr(st, "select"):
                 st.select(rows)
+        for i, h in self._history.items():
+            self._history[i] = h[rows.to(h.device)]
         if self.key_mask is not None:
             self.key_mask = self.key_mask[rows.to(self.key_mask.device)]
         if self.next_position is not None:
             self.next_position = self.next_position[rows.to(self.next_position.device)]
         return self
 
-    reorder_cache = select
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        self.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        b = self.batch_size
+        if b > 0:
+            self.select(torch.arange(b).repeat_interleave(repeats))
+
+    def reset(self) -> None:
+        kinds = self.layer_kinds if self.layer_kinds is not None else len(self.layers)
+        rec = self.record_past
+        _HybridCacheState.__init__(self, kinds, self.max_length)
+        self.record_past = rec
+
+    def offload(self, *a, **k) -> None:  # pragma: no cover - nothing to offload on the CPU paths this cache serves
+        raise NotImplementedError("the hybrid cache does not offload; use cache_implementation='dynamic' or 'static'")
+
+    prefetch = offload
+
+
+_CACHE_CLASSES: dict[str, type] = {}
+
+
+def _cache_classes() -> tuple[type, type]:
+    """(HybridCache, HybridStaticCache), built on first use with transformers' ``Cache`` as base class when
+    transformers is installed (so ``import zoo`` never imports it), plain classes otherwise."""
+    if not _CACHE_CLASSES:
+        try:
+            from transformers.cache_utils import Cache as base
+        except ImportError:  # pragma: no cover - the `lm` extra is not installed
+            base = object
+
+        class HybridCache(_HybridCacheState, base):
+            __doc__ = _HybridCacheState.__doc__
+
+        class HybridStaticCache(HybridCache):
+            """:class:`HybridCache` whose KV buffers are allocated once at ``max_cache_len`` positions and never grow
+            (what ``generate(cache_implementation="static")`` builds)."""
+
+            is_static = True
+
+            def __init__(self, config: Any = None, max_cache_len: int | None = None, **kw: Any):
+                if not max_cache_len:
+                    raise ValueError("HybridStaticCache needs max_cache_len (the most positions it will hold)")
+                super().__init__(config, max_cache_len=max_cache_len, **kw)
+
+        for c in (HybridCache, HybridStaticCache):
+            c.__module__ = __name__
+        _CACHE_CLASSES.update(HybridCache=HybridCache, HybridStaticCache=HybridStaticCache)
+    return _CACHE_CLASSES["HybridCache"], _CACHE_CLASSES["HybridStaticCache"]
+
+
+def __getattr__(name: str):
+    if name in ("HybridCache", "HybridStaticCache"):
+        return _CACHE_CLASSES.get(name) or dict(zip(("HybridCache", "HybridStaticCache"), _cache_classes()))[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _exporting() -> bool:
+    """True while torch.export / dynamo trace: data-dependent checks are skipped there (shapes are all we have)."""
+    try:
+        return bool(torch.compiler.is_exporting() or torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - older torch
+        return torch.compiler.is_compiling()
 
 
 @dataclass
@@ -205,7 +423,9 @@ class ForwardContext:
     pad_mask: torch.Tensor | None  # [B, T] bool, True = real token; None = no padding among the new tokens
     key_mask: torch.Tensor | None  # [B, past + T] bool over all keys; None = no padding anywhere
     past: int  # time steps already in the cache
-    cache: HybridCache | None
+    cache: _HybridCacheState | None
+    segments: torch.Tensor | None = None  # [B, T] packed-sequence ids (no cache); None = one sequence per row
+    attentions: list | None = None  # a list to collect attention probabilities into (output_attentions)
     _memo: dict = field(default_factory=dict)
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,23 +439,33 @@ class ForwardContext:
             self._memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._memo[key]
 
+    def same_segment(self, shift: int) -> torch.Tensor:
+        """[B, T, 1] float: 1 where the token ``shift`` steps back belongs to the same packed sequence."""
+        key = ("seg", shift)
+        if key not in self._memo:
+            s = self.segments
+            same = torch.zeros_like(s, dtype=torch.bool)
+            same[:, shift:] = s[:, shift:] == s[:, :-shift]
+            self._memo[key] = same[..., None]
+        return self._memo[key]
+
     def attn_mask(self, t: int, s: int, device: torch.device) -> tuple[torch.Tensor | None, bool]:
         """(boolean mask [B|1, 1, T, S] or None, is_causal) for T new queries against S keys."""
         key = ("mask", t, s)
         if key not in self._memo:
-            if self.key_mask is None and (t == 1 or self.past == 0):
+            if self.key_mask is None and self.segments is None and (t == 1 or self.past == 0):
                 self._memo[key] = (None, t > 1)
             else:
                 q_pos = torch.arange(s - t, s, device=device)[:, None]
                 k_pos = torch.arange(s, device=device)[None, :]
-                mask = k_pos <= q_pos  # causal, offset by the past
+                mask = (k_pos <= q_pos)[None]  # causal, offset by the past
+                if self.segments is not None:  # packed rows: a token sees only its own sequence (past == 0 here)
+                    mask = mask & (self.segments[:, :, None] == self.segments[:, None, :])
                 if self.key_mask is not None:
-                    # padded keys are invisible; a padded query still sees itself so no softmax row is empty
-                    mask = (mask & self.key_mask[:, None, :]) | (k_pos == q_pos)
-                    mask = mask[:, None]
-                else:
-                    mask = mask[None, None]
-                self._memo[key] = (mask, False)
+                    mask = mask & self.key_mask[:, None, :]  # padded keys are invisible
+                if self.segments is not None or self.key_mask is not None:
+                    mask = mask | (k_pos == q_pos)  # a padded query still sees itself so no softmax row is empty
+                self._memo[key] = (mask[:, None], False)
         return self._memo[key]
 
 
@@ -435,23 +665,24 @@ class ShortConv(nn.Module):
             y = y * ctx.pad_mask[..., None].to(y.dtype)
         t, k = y.shape[1], self.kernel_size
         w = self.conv.weight[:, 0, :].t().to(y.dtype)  # [k, d]; w[j] multiplies y[t - (k-1) + j]
-        state = ctx.cache.layers[self.layer_idx] if ctx.cache is not None else None
         if k == 1:
             window = y
-        elif state is None:
-            window = F.pad(y, (0, 0, k - 1, 0))
+        elif ctx.cache is not None:
+            window = ctx.cache.conv_window(self.layer_idx, y, k)
         else:
-            window = torch.cat([state.to(y.dtype), y], dim=1)
+            window = F.pad(y, (0, 0, k - 1, 0))
         if t == 1:
             z = (window * w).sum(1, keepdim=True)
+        elif ctx.segments is not None:  # packed rows: taps never reach into the previous sequence
+            z = window[:, k - 1 :] * w[k - 1]
+            for j in range(k - 1):
+                z = z + window[:, j : j + t] * w[j] * ctx.same_segment(k - 1 - j).to(y.dtype)
         else:
             z = window[:, :t] * w[0]
             for j in range(1, k):
                 z = z.addcmul_(window[:, j : j + t], w[j])
         if self.conv.bias is not None:
             z = z + self.conv.bias.to(z.dtype)
-        if ctx.cache is not None and k > 1:
-            ctx.cache.layers[self.layer_idx] = window[:, -(k - 1):].detach().clone()
         return self.out_proj(c * z)
 
 
@@ -485,18 +716,32 @@ class GQAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if ctx.cache is not None:
-            if ctx.cache.layers[self.layer_idx] is None:
-                ctx.cache.layers[self.layer_idx] = KVBuffer(ctx.cache.max_length)
-            k, v = ctx.cache.layers[self.layer_idx].append(k, v)
+            k, v = ctx.cache.kv_buffer(self.layer_idx).append(k, v)
         mask, causal = ctx.attn_mask(t, k.shape[2], x.device)
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
-            enable_gqa=self.num_heads != self.num_kv_heads,
-        )
+        if ctx.attentions is not None:  # explicit softmax so the probabilities can be returned (eager attention)
+            rep = self.num_heads // self.num_kv_heads
+            kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            scores = (q @ kk.transpose(-1, -2)) * self.head_dim**-0.5
+            if mask is None and causal:
+                mask = torch.ones(t, kk.shape[2], dtype=torch.bool, device=x.device).tril(kk.shape[2] - t)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.float().softmax(-1).to(q.dtype)
+            ctx.attentions.append(probs)
+            o = probs @ vv
+        else:
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
         return self.out_proj(o.transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):
+    # transformers' activation-checkpointing protocol: PreTrainedModel.gradient_checkpointing_enable() sets these
+    gradient_checkpointing = False
+    _gradient_checkpointing_func: Callable | None = None
+
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         op_cls = OPERATORS[config.layer_types[layer_idx]]
@@ -512,36 +757,97 @@ class DecoderLayer(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
+def build_decoder_modules(module: nn.Module, config: HybridConfig) -> None:
+    """Give ``module`` the decoder's submodules (``embed_tokens``, ``layers``, ``embedding_norm``): shared by
+    :class:`HybridDecoder` and the transformers base model so both have transformers' ``Lfm2Model`` key layout."""
+    module.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+    module.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+    module.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+def run_decoder(
+    module: nn.Module, x: torch.Tensor, ctx: ForwardContext, hidden_states: list | None = None
+) -> torch.Tensor:
+    """The layer stack and final norm over embeddings ``x``. With ``hidden_states`` (a list) it collects what
+    transformers returns for ``output_hidden_states``: the embeddings, every layer's output, the last one normed."""
+    ckpt_ok = module.training and torch.is_grad_enabled()
+    for layer in module.layers:
+        if hidden_states is not None:
+            hidden_states.append(x)
+        if layer.gradient_checkpointing and ckpt_ok:
+            fn = layer._gradient_checkpointing_func or functools.partial(checkpoint, use_reentrant=False)
+            x = fn(layer.__call__, x, ctx)
+        else:
+            x = layer(x, ctx)
+    x = module.embedding_norm(x)
+    if hidden_states is not None:
+        hidden_states.append(x)
+    return x
+
+
 class HybridDecoder(nn.Module):
     """Embedding, the layer stack and the final ``embedding_norm`` (transformers' ``Lfm2Model`` layout)."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.embedding_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.grad_checkpointing = False
+        build_decoder_modules(self, config)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    @property
+    def grad_checkpointing(self) -> bool:
+        return any(layer.gradient_checkpointing for layer in self.layers)
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, enable: bool) -> None:
         for layer in self.layers:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, use_reentrant=False)
-            else:
-                x = layer(x, ctx)
-        return self.embedding_norm(x)
+            layer.gradient_checkpointing = bool(enable)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, hidden_states: list | None = None) -> torch.Tensor:
+        return run_decoder(self, x, ctx, hidden_states)
 
 
 # ---------------------------------------------------------------------------------------------- causal LM
 
 
-def _check_left_padded(mask: torch.Tensor) -> None:
-    # a 0 after a 1 in any row means right (or inner) padding, which a recurrent state cannot skip
-    if mask.shape[1] > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError(
-            "attention_mask has padding after real tokens: hybrid (recurrent-state) models need LEFT padding. "
-            "Pad prompts on the left (tokenizer.padding_side = 'left')."
-        )
+def causal_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    shift_labels: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    ignore_index: int = -100,
+    **_: Any,
+) -> torch.Tensor:
+    """Next-token cross-entropy with transformers' conventions (what ``Trainer`` relies on).
+
+    ``labels`` are aligned with the inputs (position *t* is predicted from the tokens before it), ``-100`` is
+    ignored. ``shift_labels`` (already aligned with the logits, e.g. under context parallelism) replace ``labels``.
+    With ``num_items_in_batch`` the summed loss is divided by it -- the number of scored tokens over all
+    gradient-accumulation micro-batches -- instead of averaged per micro-batch, so accumulated steps equal one big
+    batch. Computed in fp32.
+    """
+    if shift_labels is None:
+        if labels is None:
+            raise ValueError("causal_lm_loss needs labels or shift_labels")
+        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    target = shift_labels.reshape(-1).to(flat.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat, target, ignore_index=ignore_index)
+    total = F.cross_entropy(flat, target, ignore_index=ignore_index, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def _packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Sequence ids [B, T] when ``position_ids`` restart inside a row (packed sequences), else None."""
+    if position_ids.ndim != 2 or position_ids.shape[1] < 2:
+        return None
+    starts = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not _exporting() and not bool(starts.any()):
+        return None
+    return F.pad(starts.long().cumsum(1), (1, 0))
 
 
 def build_context(
@@ -549,12 +855,19 @@ def build_context(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     position_ids: torch.Tensor | None,
-    cache: HybridCache | None,
+    cache: _HybridCacheState | None,
+    output_attentions: bool = False,
 ) -> ForwardContext:
-    """Positions, padding masks and cache bookkeeping for one forward call of ``input_ids`` ([B, T] new tokens)."""
+    """Positions, padding masks and cache bookkeeping for one forward call of ``input_ids`` ([B, T] new tokens).
+
+    Without a cache any mask works (left, right or inner padding) and ``position_ids`` that restart inside a row
+    mark packed sequences, which then see only themselves. With a cache the last token of every row must be real
+    (left padding), because the conv windows and positions continue from it.
+    """
     bsz, t = input_ids.shape[:2]
     past = cache.seen if cache is not None else 0
     dev = input_ids.device
+    exporting = _exporting()
     if past + t > max_positions:
         raise ContextLengthError(
             f"sequence of {past + t} tokens ({past} cached + {t} new) exceeds the model's context "
@@ -563,6 +876,11 @@ def build_context(
         )
     new_mask = key_mask = None
     if attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise ValueError(
+                f"attention_mask must be 2-D [batch, length] with 1 = real token, 0 = padding; got shape "
+                f"{tuple(attention_mask.shape)} (4-D masks are built inside the model)"
+            )
         m = attention_mask.to(device=dev).bool()
         if m.shape[0] != bsz or m.shape[1] not in (t, past + t):
             raise ValueError(
@@ -577,12 +895,26 @@ def build_context(
             key_mask = torch.cat([prev, new_mask], dim=1)
         else:
             key_mask = new_mask
-        _check_left_padded(key_mask)
-        if bool(key_mask.all()):
-            new_mask = key_mask = None
+        if not exporting:
+            if cache is not None and not bool(new_mask[:, -1].all()):
+                raise ValueError(
+                    "attention_mask ends in padding while decoding with a cache: hybrid (recurrent-state) models "
+                    "continue from each row's last token, so pad prompts on the LEFT (tokenizer.padding_side = "
+                    "'left'). Right padding is fine for training / scoring forwards without a cache."
+                )
+            if bool(key_mask.all()):
+                new_mask = key_mask = None
     elif cache is not None and cache.key_mask is not None:
         key_mask = torch.cat([cache.key_mask, torch.ones(bsz, t, dtype=torch.bool, device=dev)], dim=1)
-    if position_ids is None:
+    segments = None
+    if position_ids is not None:
+        position_ids = position_ids.to(dev)
+        if position_ids.ndim == 1:
+            position_ids = position_ids[None]
+        position_ids = position_ids.expand(bsz, t)
+        if cache is None:
+            segments = _packed_segments(position_ids)
+    else:
         if new_mask is None and (cache is None or cache.next_position is None):
             position_ids = torch.arange(past, past + t, device=dev).expand(bsz, t)
         else:
@@ -592,11 +924,12 @@ def build_context(
             steps = new_mask.long() if new_mask is not None else torch.ones(bsz, t, dtype=torch.long, device=dev)
             position_ids = (start[:, None] + steps.cumsum(1) - 1).clamp_min(0)
     if cache is not None:
+        cache.begin(past)
         cache.seen = past + t
         cache.key_mask = key_mask
         if new_mask is not None or cache.next_position is not None:
             cache.next_position = position_ids[:, -1] + 1
-    return ForwardContext(position_ids, new_mask, key_mask, past, cache)
+    return ForwardContext(position_ids, new_mask, key_mask, past, cache, segments, [] if output_attentions else None)
 
 
 class HybridLM(nn.Module):
@@ -646,9 +979,13 @@ class HybridLM(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.ndim < 2}
 
-    def new_cache(self, max_length: int = 0) -> HybridCache:
-        """An empty decode cache; ``max_length`` pre-sizes the KV buffers (they grow when needed)."""
-        return HybridCache(self.config.num_hidden_layers, max_length)
+    def new_cache(self, max_length: int = 0, static: bool = False) -> "HybridCache":
+        """An empty decode cache; ``max_length`` pre-sizes the KV buffers (they grow when needed), or with
+        ``static=True`` fixes their size."""
+        dynamic, static_cls = _cache_classes()
+        if static:
+            return static_cls(self.config, max_cache_len=max_length)
+        return dynamic(self.config, max_length)
 
     # ----------------------------------------------------------------------------------- forward
     def forward_features(
@@ -731,8 +1068,6 @@ class HybridLM(nn.Module):
                 f"prompt of {t} tokens + max_new_tokens={max_new_tokens} exceeds the model's context "
                 f"max_position_embeddings={ctx_len}; lower max_new_tokens to at most {ctx_len - t}"
             )
-        if attention_mask is not None:
-            _check_left_padded(attention_mask.bool())
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
         eos = torch.tensor([] if eos_token_id is None else list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id], device=input_ids.device)
@@ -777,6 +1112,269 @@ class HybridLM(nn.Module):
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(-1, idx, drop), float("-inf"))
         probs = logits.softmax(-1)
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+# ---------------------------------------------------------------------------------------------- transformers classes
+
+
+def _as_hybrid_cache(cache: Any, config: HybridConfig) -> Any:
+    """Our cache as given; an *empty* transformers cache (e.g. ``DynamicCache()`` or ``StaticCache``) is replaced by
+    the matching hybrid cache; a filled foreign one cannot be continued and is an error."""
+    if cache is None or isinstance(cache, _HybridCacheState):
+        return cache
+    dynamic, static = _cache_classes()
+    if type(cache).__name__ in ("DynamicCache", "StaticCache") and cache.get_seq_length() == 0:
+        if type(cache).__name__ == "StaticCache":
+            return static(config, max_cache_len=max(layer.max_cache_len for layer in cache.layers))
+        return dynamic(config)
+    raise TypeError(
+        f"hybrid models keep conv windows next to the KV cache, so a {type(cache).__name__} holding "
+        f"{cache.get_seq_length() if hasattr(cache, 'get_seq_length') else '?'} positions cannot be continued: pass "
+        f"the cache the model returned (outputs.cache, a HybridCache), an empty DynamicCache/StaticCache, or none"
+    )
+
+
+_HF_CLASSES: dict[str, dict[str, type]] = {}
+
+
+def hf_model_classes(prefix: str, config_class: type, to_hybrid_config: Callable[[Any], HybridConfig]) -> dict[str, type]:
+    """transformers classes of a hybrid family, built once per ``prefix`` (transformers is imported here, not at
+    ``import zoo``): ``{prefix}PreTrainedModel``, ``{prefix}Model`` (base model returning hidden states, the
+    ``Lfm2Model`` equivalent) and ``{prefix}ForCausalLM``. ``to_hybrid_config`` maps the family's transformers
+    config to a :class:`HybridConfig`. Module and parameter names are those of :class:`HybridLM`.
+
+    What they provide, like transformers' own causal LMs: the loss with ``num_items_in_batch`` / ``shift_labels``
+    (``Trainer`` gradient accumulation), any padding side and packed ``position_ids`` in training forwards,
+    ``output_hidden_states`` / ``output_attentions`` / ``return_dict``, activation checkpointing, ``generate()`` with a
+    :class:`HybridCache` (a transformers ``Cache``: continuation, assisted and prompt-lookup decoding, beam search,
+    ``cache_implementation="static"``), ``inputs_embeds`` generation. No tensor-parallel plan is declared.
+    """
+    if prefix in _HF_CLASSES:
+        return _HF_CLASSES[prefix]
+    from transformers import GenerationMixin, PreTrainedModel
+    from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+    dynamic_cache, static_cache = _cache_classes()
+
+    class HybridPreTrainedModel(PreTrainedModel):
+        config_class = None  # set below
+        base_model_prefix = "model"
+        supports_gradient_checkpointing = True
+        _no_split_modules = ["DecoderLayer"]
+        _supports_sdpa = True
+        _can_compile_fullgraph = False
+        main_input_name = "input_ids"
+        _tp_plan = None  # no tensor-parallel plan: the config declares none either
+        _pp_plan = None
+
+        def _init_weights(self, module):
+            std = self.config.initializer_range
+            if isinstance(module, (nn.Linear, nn.Conv1d)):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None and module.weight.device.type != "meta":
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+        def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint,
+                                        every_n_layers: int = 1):
+            layers = [m for m in self.modules() if isinstance(m, DecoderLayer)]
+            for i, layer in enumerate(layers):
+                layer.gradient_checkpointing = bool(enable) and i % every_n_layers == 0
+                layer._gradient_checkpointing_func = gradient_checkpointing_func if enable else None
+
+    class HybridModel(HybridPreTrainedModel):
+        """The decoder (embeddings, layers, final norm) returning hidden states, like transformers' ``Lfm2Model``."""
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.hybrid_config = to_hybrid_config(config)
+            build_decoder_modules(self, self.hybrid_config)
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return self.embed_tokens
+
+        def set_input_embeddings(self, value):
+            self.embed_tokens = value
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            cache: Any = None,
+            inputs_embeds: torch.Tensor | None = None,
+            use_cache: bool | None = None,
+            output_hidden_states: bool | None = None,
+            output_attentions: bool | None = None,
+            return_dict: bool | None = None,
+            past_key_values: Any = None,
+            **kwargs: Any,
+        ):
+            _reject_unknown(kwargs, type(self).__name__)
+            if (input_ids is None) == (inputs_embeds is None):
+                raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            cfg = self.config
+            cache = _as_hybrid_cache(cache if cache is not None else past_key_values, self.hybrid_config)
+            use_cache = cfg.use_cache if use_cache is None else use_cache
+            if use_cache and cache is None and not self.training:
+                cache = dynamic_cache(self.hybrid_config)
+            output_hidden_states = cfg.output_hidden_states if output_hidden_states is None else output_hidden_states
+            output_attentions = cfg.output_attentions if output_attentions is None else output_attentions
+            return_dict = getattr(cfg, "return_dict", True) if return_dict is None else return_dict
+            if inputs_embeds is None:
+                if input_ids.is_floating_point():
+                    raise TypeError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}")
+                inputs_embeds = self.embed_tokens(input_ids)
+            ids_like = input_ids if input_ids is not None else inputs_embeds[..., 0]
+            ctx = build_context(cfg.max_position_embeddings, ids_like, attention_mask, position_ids, cache,
+                                output_attentions=bool(output_attentions))
+            hidden: list | None = [] if output_hidden_states else None
+            h = run_decoder(self, inputs_embeds, ctx, hidden)
+            out = BaseModelOutputWithPast(
+                last_hidden_state=h,
+                cache=cache if use_cache else None,
+                hidden_states=tuple(hidden) if hidden is not None else None,
+                attentions=tuple(ctx.attentions) if ctx.attentions is not None else None,
+            )
+            return out if return_dict else out.to_tuple()
+
+    class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
+        """Causal LM head over the base model; ``lm_head`` is tied to ``model.embed_tokens`` (not a module) unless the
+        config unties it."""
+
+        accepts_loss_kwargs = True  # Trainer passes num_items_in_batch, which the loss honours
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = HybridModel(config)
+            self.hybrid_config = self.model.hybrid_config
+            self.lm_head = (
+                None if self.hybrid_config.tie_word_embeddings
+                else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            )
+            self.post_init()
+
+        def get_input_embeddings(self):
+            return self.model.embed_tokens
+
+        def set_input_embeddings(self, value):
+            self.model.embed_tokens = value
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+        def get_decoder(self):
+            return self.model
+
+        def forward(
+            self,
+            input_ids: torch.LongTensor | None = None,
+            attention_mask: torch.Tensor | None = None,
+            position_ids: torch.LongTensor | None = None,
+            cache: Any = None,
+            inputs_embeds: torch.Tensor | None = None,
+            labels: torch.LongTensor | None = None,
+            use_cache: bool | None = None,
+            logits_to_keep: int | torch.Tensor = 0,
+            output_hidden_states: bool | None = None,
+            output_attentions: bool | None = None,
+            return_dict: bool | None = None,
+            past_key_values: Any = None,
+            shift_labels: torch.LongTensor | None = None,
+            num_items_in_batch: torch.Tensor | int | None = None,
+            ignore_index: int = -100,
+            **kwargs: Any,
+        ):
+            _reject_unknown(kwargs, type(self).__name__)
+            return_dict = getattr(self.config, "return_dict", True) if return_dict is None else return_dict
+            out = self.model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions, return_dict=True,
+            )
+            h = out.last_hidden_state
+            if isinstance(logits_to_keep, int):
+                h = h[:, -logits_to_keep:] if logits_to_keep else h
+            else:
+                h = h[:, logits_to_keep]
+            head = self.lm_head if self.lm_head is not None else self.model.embed_tokens
+            logits = linear(h, head.weight, getattr(head, "bias", None) if self.lm_head is not None else None)
+            loss = None
+            if labels is not None or shift_labels is not None:
+                loss = causal_lm_loss(logits, labels, shift_labels=shift_labels,
+                                      num_items_in_batch=num_items_in_batch, ignore_index=ignore_index)
+            res = CausalLMOutputWithPast(loss=loss, logits=logits, cache=out.cache,
+                                         hidden_states=out.hidden_states, attentions=out.attentions)
+            return res if return_dict else res.to_tuple()
+
+        def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode, batch_size,
+                                          max_cache_length, *args, **kwargs):
+            impl = generation_config.cache_implementation
+            user = model_kwargs.get("cache")
+            if user is None:
+                user = model_kwargs.pop("past_key_values", None)
+            if user is not None:
+                if impl is not None:
+                    raise ValueError("pass either cache_implementation or a cache object to generate(), not both")
+                model_kwargs["cache"] = _as_hybrid_cache(user, self.hybrid_config)
+                model_kwargs["cache"]._is_user_defined = True
+                return
+            if generation_config.use_cache is False:
+                return
+            if impl in (None, "dynamic"):
+                cache = dynamic_cache(self.hybrid_config, max_cache_length)
+            elif impl == "static":
+                n = max(max_cache_length, generation_config.max_cache_len or 0)
+                cache = static_cache(self.hybrid_config, max_cache_len=n)
+            else:
+                raise ValueError(
+                    f"cache_implementation={impl!r} is not available for hybrid (conv + attention) models: use "
+                    f"'dynamic' (default) or 'static'"
+                )
+            if generation_config.is_assistant:
+                cache.activate_past_recording()  # the assistant's drafts are rolled back after verification
+            model_kwargs["cache"] = cache
+
+        def to_zoo(self) -> HybridLM:
+            """The pure-PyTorch :class:`HybridLM` sharing this model's weights."""
+            m = HybridLM.__new__(HybridLM)
+            nn.Module.__init__(m)
+            m.config = self.hybrid_config
+            m.model = HybridDecoder.__new__(HybridDecoder)
+            nn.Module.__init__(m.model)
+            m.model.config = self.hybrid_config
+            m.model.embed_tokens, m.model.layers = self.model.embed_tokens, self.model.layers
+            m.model.embedding_norm = self.model.embedding_norm
+            m.lm_head = self.lm_head
+            m.num_features = m.head_hidden_size = self.hybrid_config.hidden_size
+            m.vocab_size = self.hybrid_config.vocab_size
+            return m.train(self.training)
+
+    classes = {}
+    for suffix, cls in (("PreTrainedModel", HybridPreTrainedModel), ("Model", HybridModel),
+                        ("ForCausalLM", HybridForCausalLM)):
+        cls.__name__ = cls.__qualname__ = prefix + suffix
+        cls.config_class = config_class
+        classes[prefix + suffix] = cls
+    _HF_CLASSES[prefix] = classes
+    return classes
+
+
+# transformers forwards these generation / attention-backend keywords to every forward; they change nothing here
+_HARMLESS_KWARGS = {"cache_position", "output_router_logits", "is_causal"}
+
+
+def _reject_unknown(kwargs: dict, where: str) -> None:
+    unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS_KWARGS and v is not None)
+    if unknown:
+        raise TypeError(f"{where}.forward() got unsupported argument(s) {unknown}")
 
 
 # ---------------------------------------------------------------------------------------------- int8 weights

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.language.hybrid import HybridCache, HybridConfig, HybridDecoder, HybridLM, build_context
+from zoo.language.hybrid import HybridConfig, HybridLM, hf_model_classes
 from zoo.registry import CheckpointSource, ModelCfg, register_model
 
 log = logging.getLogger(__name__)
@@ -353,139 +353,31 @@ _HF: dict[str, Any] = {}
 
 
 def register_transformers() -> tuple[type, type]:
-    """Build ``ZooLfm2Config`` / ``ZooLfm2ForCausalLM`` and register them with ``AutoConfig`` and
-    ``AutoModelForCausalLM`` (idempotent). Returns the two classes."""
+    """Build ``ZooLfm2Config``, ``ZooLfm2Model`` and ``ZooLfm2ForCausalLM`` (the shared hybrid transformers classes,
+    :func:`zoo.language.hybrid.hf_model_classes`) and register them with ``AutoConfig``, ``AutoModel`` and
+    ``AutoModelForCausalLM`` (idempotent). Returns the config and causal-LM classes."""
     if _HF:
         return _HF["ZooLfm2Config"], _HF["ZooLfm2ForCausalLM"]
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
     from transformers.models.lfm2.configuration_lfm2 import Lfm2Config
 
     class ZooLfm2Config(Lfm2Config):
-        """transformers config of the zoo LFM2 port: same fields as ``Lfm2Config``, its own ``model_type``."""
+        """transformers config of the zoo LFM2 port: same fields as ``Lfm2Config``, its own ``model_type``, and no
+        tensor-parallel plan (the model provides none)."""
 
         model_type = "zoo_lfm2"
+        base_model_tp_plan = None
+        base_model_pp_plan = None
 
-    class ZooLfm2PreTrainedModel(PreTrainedModel):
-        config_class = ZooLfm2Config
-        base_model_prefix = "model"
-        supports_gradient_checkpointing = True
-        _no_split_modules = ["DecoderLayer"]
-        _supports_sdpa = True
-        _can_compile_fullgraph = False
-        main_input_name = "input_ids"
-
-        def _init_weights(self, module):
-            std = self.config.initializer_range
-            if isinstance(module, (nn.Linear, nn.Conv1d)):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None and module.weight.device.type != "meta":
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
-            elif hasattr(module, "weight") and type(module).__name__ == "RMSNorm":
-                nn.init.ones_(module.weight)
-
-    class ZooLfm2ForCausalLM(ZooLfm2PreTrainedModel, GenerationMixin):
-        """LFM2 causal LM for transformers: ``generate()`` (greedy, sampling, beams) with the zoo hybrid cache
-        (fixed conv windows + growing KV), ``save_pretrained`` / ``from_pretrained`` in the HF LFM2 key layout."""
-
-        def __init__(self, config):
-            super().__init__(config)
-            self.hybrid_config = hybrid_config_from_lfm2(config.to_dict())
-            self.model = HybridDecoder(self.hybrid_config)
-            self.lm_head = (
-                None if self.hybrid_config.tie_word_embeddings
-                else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-            )
-            self.post_init()
-
-        @classmethod
-        def _supports_default_dynamic_cache(cls) -> bool:
-            return False  # the model creates its own HybridCache on the first forward
-
-        def get_input_embeddings(self):
-            return self.model.embed_tokens
-
-        def set_input_embeddings(self, value):
-            self.model.embed_tokens = value
-
-        def get_output_embeddings(self):
-            return self.lm_head
-
-        def forward(
-            self,
-            input_ids: torch.LongTensor | None = None,
-            attention_mask: torch.Tensor | None = None,
-            position_ids: torch.LongTensor | None = None,
-            cache: HybridCache | None = None,
-            inputs_embeds: torch.Tensor | None = None,
-            labels: torch.LongTensor | None = None,
-            use_cache: bool | None = None,
-            logits_to_keep: int = 0,
-            past_key_values: HybridCache | None = None,
-            **kwargs,
-        ):
-            cache = cache if cache is not None else past_key_values
-            if cache is not None and not isinstance(cache, HybridCache):
-                raise TypeError(f"ZooLfm2ForCausalLM needs a zoo HybridCache, got {type(cache).__name__}")
-            use_cache = self.config.use_cache if use_cache is None else use_cache
-            if use_cache and cache is None and not self.training:
-                cache = HybridCache(self.hybrid_config.num_hidden_layers)
-            if inputs_embeds is None:
-                inputs_embeds = self.model.embed_tokens(input_ids)
-            ids_like = input_ids if input_ids is not None else inputs_embeds[..., 0]
-            ctx = build_context(self.config.max_position_embeddings, ids_like, attention_mask, position_ids, cache)
-            h = self.model(inputs_embeds, ctx)
-            if logits_to_keep:
-                h = h[:, -logits_to_keep:]
-            head_w = self.lm_head.weight if self.lm_head is not None else self.model.embed_tokens.weight
-            logits = nn.functional.linear(h, head_w)
-            loss = None
-            if labels is not None:
-                loss = nn.functional.cross_entropy(
-                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-                )
-            return CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache if use_cache else None)
-
-        def prepare_inputs_for_generation(
-            self, input_ids, next_sequence_length=None, cache=None, attention_mask=None, inputs_embeds=None,
-            is_first_iteration=False, past_key_values=None, **kwargs,
-        ):
-            cache = cache if cache is not None else past_key_values
-            seen = cache.seen if cache is not None else 0
-            inputs: dict[str, Any] = {"cache": cache, "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
-            if inputs_embeds is not None and seen == 0:
-                inputs["inputs_embeds"] = inputs_embeds
-                inputs["input_ids"] = None
-            else:
-                inputs["input_ids"] = input_ids[:, seen:]
-            if (pos := kwargs.get("position_ids")) is not None:
-                inputs["position_ids"] = pos[:, seen:]
-            if "logits_to_keep" in kwargs:
-                inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-            return inputs
-
-        def to_zoo(self) -> Lfm2LM:
-            """A pure-PyTorch :class:`Lfm2LM` sharing this model's weights."""
-            m = Lfm2LM.__new__(Lfm2LM)
-            nn.Module.__init__(m)
-            m.config = self.hybrid_config
-            m.model = self.model
-            m.lm_head = self.lm_head
-            m.num_features = m.head_hidden_size = self.hybrid_config.hidden_size
-            m.vocab_size = self.hybrid_config.vocab_size
-            return m
-
+    classes = hf_model_classes("ZooLfm2", ZooLfm2Config, lambda c: hybrid_config_from_lfm2(c.to_dict()))
     AutoConfig.register("zoo_lfm2", ZooLfm2Config, exist_ok=True)
-    AutoModelForCausalLM.register(ZooLfm2Config, ZooLfm2ForCausalLM, exist_ok=True)
-    ZooLfm2Config.__module__ = ZooLfm2ForCausalLM.__module__ = ZooLfm2PreTrainedModel.__module__ = __name__
-    _HF.update(ZooLfm2Config=ZooLfm2Config, ZooLfm2ForCausalLM=ZooLfm2ForCausalLM,
-               ZooLfm2PreTrainedModel=ZooLfm2PreTrainedModel)
-    return ZooLfm2Config, ZooLfm2ForCausalLM
+    AutoModel.register(ZooLfm2Config, classes["ZooLfm2Model"], exist_ok=True)
+    AutoModelForCausalLM.register(ZooLfm2Config, classes["ZooLfm2ForCausalLM"], exist_ok=True)
+    ZooLfm2Config.__module__ = __name__
+    for cls in classes.values():
+        cls.__module__ = __name__
+    _HF.update(ZooLfm2Config=ZooLfm2Config, **classes)
+    return ZooLfm2Config, classes["ZooLfm2ForCausalLM"]
 
 
 def to_transformers(model: HybridLM, config_overrides: dict[str, Any] | None = None):
@@ -497,13 +389,14 @@ def to_transformers(model: HybridLM, config_overrides: dict[str, Any] | None = N
     d.update(config_overrides or {})
     with torch.device("meta"):
         hf = model_cls(cfg_cls(**d))
-    hf.model = model.model
+    hf.model.embed_tokens, hf.model.layers = model.model.embed_tokens, model.model.layers
+    hf.model.embedding_norm = model.model.embedding_norm
     hf.lm_head = model.lm_head
-    return hf.eval() if not model.training else hf
+    return hf.train(model.training)
 
 
 def __getattr__(name: str):
-    if name in ("ZooLfm2Config", "ZooLfm2ForCausalLM", "ZooLfm2PreTrainedModel"):
+    if name in ("ZooLfm2Config", "ZooLfm2ForCausalLM", "ZooLfm2Model", "ZooLfm2PreTrainedModel"):
         register_transformers()
         return _HF[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
