@@ -48,7 +48,7 @@ def test_list(capsys):
 
 
 def test_info(capsys):
-    assert cli_main(["info", "nextvit_small.bd_in1k_384"]) == 0
+    assert cli_main(["info", "nextvit_small.bd_in1k_384", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["name"] == "nextvit_small" and info["family"] == "nextvit" and info["paper"] == "2207.05501"
     assert info["params"] == 31_763_368
@@ -58,6 +58,75 @@ def test_info(capsys):
     assert cli_main(["info", "nextvit_smal"]) == 2
     err = capsys.readouterr().err
     assert "nextvit_small" in err and "Traceback" not in err
+
+
+def test_info_is_concise_and_cites(capsys):
+    from zoo.papers import PAPERS
+    from zoo.registry import resolve_cfg
+
+    assert cli_main(["info", "nextvit_small"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert len(lines) <= 12, out  # was ~150 lines of JSON repeating the config per tag
+    assert lines[0].startswith("nextvit_small: nextvit image-classification, 31.76 M parameters")
+    assert "arXiv 2207.05501" in out and "3x224x224" in out and "{" not in out
+    tag_lines = [ln for ln in lines if "hf://timm/nextvit_small." in ln]
+    assert len(tag_lines) == 4 and "*>bd_in1k " in tag_lines[0]
+    assert any("bd_ssld_6m_in1k " in ln and "verified" in ln for ln in tag_lines)  # its sha256 is pinned
+    assert any("bd_in1k_384" in ln and "3x384x384" in ln for ln in tag_lines)  # only what differs is shown
+
+    assert cli_main(["info", "nextvit_small", "--bibtex"]) == 0
+    bib = capsys.readouterr().out
+    assert bib.startswith("@misc{li2022nextvit,") and "eprint        = {2207.05501}" in bib
+    assert "Li, Jiashi and Xia, Xin" in bib and bib.count("@") == 1
+    assert cli_main(["info", "fastvit_mci0", "--bibtex"]) == 0  # MobileCLIP and MobileCLIP2 tags
+    assert capsys.readouterr().out.count("@") == 2
+    assert cli_main(["info", "fastvit_mci0.apple_mclip2_dfndr2b", "--bibtex"]) == 0
+    one = capsys.readouterr().out
+    assert one.count("@") == 1 and "journal       = {Transactions on Machine Learning Research}" in one
+
+    # every registered model and tag names a paper we can cite
+    for name in zoo.list_models():
+        entry = resolve_cfg(name)[0]
+        assert all(c.paper in PAPERS for c in entry.tags.values()), name
+
+
+def test_version(capsys):
+    assert cli_main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"pareto-zoo {zoo.__version__}"
+
+
+def test_rough_errors(tmp_path, capsys):
+    # an untagged model without weights: no stray dot after its name
+    assert cli_main(["download", "ssdlite_mobiledet_cpu", "--cache-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "ssdlite_mobiledet_cpu has no released weights" in err and "ssdlite_mobiledet_cpu." not in err
+    with pytest.raises(Exception, match="ssdlite_mobiledet_cpu has no released weights"):
+        zoo.create_model("ssdlite_mobiledet_cpu", pretrained=True)
+
+    # `zoo snn report` on a folder without a finished pipeline
+    missing = tmp_path / "nonexistent"
+    assert cli_main(["snn", "report", "--out", str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} does not exist" in err and "zoo snn pipeline" in err and "Traceback" not in err
+    (missing / "ann").mkdir(parents=True)
+    (missing / "ann" / "metrics.json").write_text("{}")
+    assert cli_main(["snn", "report", "--out", str(missing)]) == 2
+    assert "snn_t5/metrics.json" in capsys.readouterr().err
+
+    # Next-ViT with the wrong number of stages: a clear error naming the expected length
+    for depths in ("(1,1)", "(1,1,1,1,1)"):
+        assert cli_main(["export", "nextvit_small", "-o", str(tmp_path / "x.onnx"), "--override",
+                         f"depths={depths}"]) == 2
+        assert "depths needs 4 values (one per stage)" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
+
+    # random bytes in a .pth: a corrupt file, not a pickle that would run code
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(bytes(range(256)) * 16)
+    assert cli_main(["export", str(junk), "--model", "nextvit_small", "-o", str(tmp_path / "j.onnx")]) == 1
+    err = capsys.readouterr().err
+    assert "corrupt" in err and "import or call" not in err and "weights_only" not in err
 
 
 def test_download_prefetches_into_the_cache(server, tmp_path, monkeypatch, capsys):  # noqa: F811
@@ -100,8 +169,10 @@ def test_export_model_name_to_onnx(tmp_path, capsys):
     out = tmp_path / "tiny.onnx"
     rc = cli_main(["export", "nextvit_small", "--format", "onnx", "-o", str(out), "--input-size", "3", "64", "64",
                    *SMALL_ARGS])
-    assert rc == 0, capsys.readouterr().err
-    assert "parity checked" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "parity checked" in captured.out
+    assert "RANDOM weights" in captured.err and "--pretrained" in captured.err  # a name without --pretrained
     assert out.exists() and not list(tmp_path.glob("*.data")), "a small model's ONNX file must be self-contained"
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = sess.run(None, {sess.get_inputs()[0].name: torch.randn(3, 3, 64, 64).numpy()})
@@ -146,3 +217,13 @@ def test_cli_subprocess_list_and_unknown_command():
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["nextvit_base", "nextvit_large", "nextvit_small"]
     assert cli_main(["lst"]) == 2
+
+    # `zoo list | head`: the reader goes away before the output is written; no BrokenPipeError traceback
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        r = subprocess.run([sys.executable, "-m", "zoo.cli", "list", "--pretrained"], cwd=ROOT, env=env,
+                           stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert r.returncode == 141 and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr

@@ -25,17 +25,44 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _usage() -> str:
-    lines = ["usage: zoo <command> [options]", "", "training (Lightning CLI, see `zoo fit --help`):"]
+    lines = ["usage: zoo <command> [options]    (zoo --version)", "", "training (Lightning CLI, see `zoo fit --help`):"]
     lines += [f"  {c:<10} {c} a LightningModule from a recipe: zoo {c} -c RECIPE.yaml" for c in LIGHTNING_SUBCOMMANDS]
     lines += ["", "tools:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     return "\n".join(lines)
 
 
+def _version() -> str:
+    try:  # the installed distribution's version; a bare checkout falls back to the package's
+        from importlib.metadata import version
+
+        return version("pareto-zoo")
+    except Exception:  # noqa: BLE001 - PackageNotFoundError
+        from zoo import __version__
+
+        return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        rc = _main(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not in the interpreter's exit flush
+        return rc
+    except BrokenPipeError:  # `zoo list | head`: the reader left; stop quietly like other Unix tools
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by SIGPIPE
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"pareto-zoo {_version()}")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING_SUBCOMMANDS:

@@ -148,7 +148,7 @@ def create_model(
     elif pretrained:
         if cfg.source is None:
             raise checkpoints.CheckpointError(
-                f"{entry.name}.{tag} has no released weights; tags with weights: "
+                f"{entry.name}{'.' + tag if tag else ''} has no released weights; tags with weights: "
                 f"{', '.join(t for t, c in entry.tags.items() if c.has_weights) or '(none)'}"
             )
         path = checkpoints.download(cfg.source, cache_dir=cache_dir)

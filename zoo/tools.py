@@ -80,15 +80,80 @@ def list_main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------------------- zoo info
 
 
+_TAG_KEYS = ("task", "input_size", "crop_pct", "interpolation", "mean", "std", "num_classes", "paper", "license")
+
+
+def _short(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "x".join(map(str, v)) if v and all(isinstance(x, int) for x in v) else f"({', '.join(f'{x:g}' if isinstance(x, float) else str(x) for x in v)})"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def format_info(info: dict[str, Any], tag: str, requested: str | None = None) -> str:
+    """A few readable lines: what the model is, its data config, and one line per checkpoint tag (what differs)."""
+    from zoo.papers import PAPERS
+    try:  # torch-free home of the pins (zoo.checkpoints imports torch)
+        from zoo.registry import PINNED_SHA256
+    except ImportError:
+        from zoo.checkpoints import PINNED_SHA256
+
+    cfg = info["default_cfg"]
+    name = info["name"]
+    lines = [f"{name}: {info['family']} {info['task']}, {info['params'] / 1e6:.2f} M parameters, license "
+             f"{info['license'] or '-'}"]
+    for pid in dict.fromkeys(c.get("paper") for c in [cfg, *info["tags"].values()] if c.get("paper")):
+        paper = PAPERS.get(pid)
+        lines.append(f"paper: {paper.title + ' ' if paper else ''}(arXiv {pid}, https://arxiv.org/abs/{pid})")
+    if cfg.get("input_size"):
+        lines.append(f"input: {_short(cfg['input_size'])}, crop_pct {_short(cfg['crop_pct'])}, "
+                     f"{cfg['interpolation']}, mean {_short(cfg['mean'])}, std {_short(cfg['std'])}; "
+                     f"{cfg['num_classes']} classes")
+    lines.append("tags (* default, > shown above; verified = sha256 pinned):")
+    width = max((len(t) for t in info["tags"]), default=0)
+    for t, c in info["tags"].items():
+        mark = ("*" if t == info["default_tag"] else " ") + (">" if t == tag else " ")
+        metrics = ", ".join(f"{k} {_short(v)}" for k, v in (c.get("metrics") or {}).items()) or "-"
+        diff = [f"{k} {_short(c[k])}" for k in _TAG_KEYS if k in c and c[k] != cfg.get(k)]
+        src = c.get("source") or "no released weights"
+        verified = " verified" if c.get("source") in PINNED_SHA256 else ""
+        lines.append(f" {mark}{t or '(untagged)':<{width}}  {metrics}  {src}{verified}"
+                     + (f"  [{'; '.join(diff)}]" if diff else ""))
+    if cfg.get("notes"):
+        lines.append(f"notes: {cfg['notes']}")
+    shown = requested or (f"{name}.{tag}" if tag else name)
+    lines.append(f"use: zoo.create_model({shown!r}{', pretrained=True' if cfg.get('source') else ''}); "
+                 f"`zoo info {shown} --json` for every field, `--bibtex` to cite")
+    return "\n".join(lines)
+
+
 def info_main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="zoo info", description="Print a model's config, tags and parameter count as JSON.")
+    p = argparse.ArgumentParser(
+        prog="zoo info",
+        description="Describe a model: family, parameters, paper, data config and its checkpoint tags (a few lines). "
+        "--json prints every config field of every tag; --bibtex the BibTeX of the paper(s).",
+    )
     p.add_argument("name", help="NAME or NAME.TAG")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="the full model_info() dict as JSON")
+    fmt.add_argument("--bibtex", action="store_true", help="BibTeX of the paper(s) the model and its tags come from")
     args = p.parse_args(argv)
 
     def work() -> int:
-        from zoo.registry import model_info
+        from zoo.registry import model_info, split_model_name
 
-        print(json.dumps(model_info(args.name), indent=2, default=str))
+        info = model_info(args.name)  # from the model index: no torch / model code imported
+        tag = split_model_name(args.name)[1]
+        tag = info["default_tag"] if tag is None else tag
+        if args.bibtex:
+            from zoo.papers import bibtex
+
+            tags = [tag] if split_model_name(args.name)[1] is not None else [tag, *info["tags"]]
+            ids = dict.fromkeys(info["tags"][t]["paper"] for t in tags if info["tags"][t]["paper"])
+            if not ids:
+                raise ValueError(f"{info['name']} records no paper")
+            print("\n\n".join(bibtex(i) for i in ids))
+            return 0
+        print(json.dumps(info, indent=2, default=str) if args.json else format_info(info, tag, args.name))
         return 0
 
     return _run("info", work)
@@ -117,7 +182,8 @@ def download_main(argv: Sequence[str] | None = None) -> int:
             if cfg.source is None:
                 with_weights = [t for t, c in entry.tags.items() if c.has_weights]
                 raise CheckpointError(
-                    f"{entry.name}.{tag} has no released weights; tags with weights: {', '.join(with_weights) or '(none)'}"
+                    f"{entry.name}{'.' + tag if tag else ''} has no released weights; tags with weights: "
+                    f"{', '.join(with_weights) or '(none)'}"
                 )
             path = download(cfg.source, cache_dir=args.cache_dir, progress=not args.quiet)
             print(f"{entry.name}.{tag}\t{path}")
@@ -183,6 +249,10 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                 args.source, pretrained=args.pretrained, num_classes=args.num_classes, in_chans=args.in_chans,
                 **overrides,
             )
+            if not args.pretrained:  # an easy slip: the file would look like a usable model
+                print(f"zoo export: note: {args.source} is exported with RANDOM weights (add --pretrained for its "
+                      f"released weights, or pass a checkpoint file); fine for shape / latency checks only",
+                      file=sys.stderr)
         model.eval()
         size = tuple(args.input_size) if args.input_size else tuple(model.pretrained_cfg.input_size)
         if args.in_chans is not None and not args.input_size:

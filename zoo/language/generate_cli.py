@@ -66,7 +66,8 @@ def _resolve(source: str, cache_dir: str | None) -> Path:
     if cfg.task != "text-generation":
         raise SystemExit(f"zoo generate: {entry.name} is a {cfg.task} model, not a language model")
     if cfg.source is None or not cfg.source.hf_hub_id:
-        raise SystemExit(f"zoo generate: {entry.name}.{tag} has no released weights; pass a trained folder instead")
+        raise SystemExit(f"zoo generate: {entry.name}{'.' + tag if tag else ''} has no released weights; "
+                         "pass a trained folder instead")
     try:
         from huggingface_hub import snapshot_download
 

@@ -464,7 +464,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; results in {args.out}/report.json")
         return 0
     out = Path(args.out)
-    stages = [json.loads((out / s / "metrics.json").read_text()) for s in ["ann", *[f"snn_t{t}" for t in schedule]]]
+    names = ["ann", *[f"snn_t{t}" for t in schedule]]
+    missing = [f"{n}/metrics.json" for n in names if not (out / n / "metrics.json").is_file()]
+    if missing:
+        what = f"{out} does not exist" if not out.exists() else f"{out} lacks {', '.join(missing)}"
+        print(f"zoo snn report: error: {what}: no finished pipeline with stages {','.join(names)} there. Run "
+              f"`zoo snn pipeline --out {out}` first, or pass --out / --schedule of a finished one.", file=sys.stderr)
+        return 2
+    stages = [json.loads((out / n / "metrics.json").read_text()) for n in names]
     res = {"stages": stages, **_report(out, args.snn, schedule, (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), onnx=schedule[-1] == 1)}
     print(format_report(res))
     return 0

@@ -238,6 +238,13 @@ class NextViT(nn.Module):
         deploy: bool = False,
     ):
         super().__init__()
+        # Next-ViT has exactly 4 stages (the stage-2 NTB rule and the 4 strides assume it); fail early and clearly
+        # instead of silently building another net or hitting an IndexError deep in the loop.
+        for arg, val, want in (("depths", depths, 4), ("ncb_widths", ncb_widths, 4), ("ntb_widths", ntb_widths, 4),
+                               ("sr_ratios", sr_ratios, 4), ("stem_chs", stem_chs, 3)):
+            if len(val) != want:
+                raise ValueError(f"NextViT: {arg} needs {want} values (one per {'stage' if want == 4 else 'stem conv'}), "
+                                 f"got {len(val)}: {tuple(val)!r}")
         self.num_classes = num_classes
         self.deploy = deploy
         self.grad_checkpointing = False
