@@ -29,6 +29,7 @@ bench: $(STAMP)
 
 model-card: $(STAMP)
 	$(BIN)/python scripts/make_model_card.py
+	$(BIN)/python scripts/make_readme_table.py
 
 clean:
 	rm -rf $(VENV) runs artifacts
