@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import zoo
+from tests.conftest import randomize_batchnorms
 from zoo.vision.mobiledets import (
     ARCH_SPECS, BoxCoder, DetectionPostprocess, FusedInvertedBottleneck, InvertedBottleneck, MobileDet,
     SSDAnchorGenerator, SSDLiteMobileDet, TuckerConv, argmax_match, scale_filters,
@@ -43,6 +44,23 @@ def test_parameter_counts_equal_reference(arch):
     assert _n(det) == total
     stats = sum(b.numel() for k, b in det.named_buffers() if k.endswith(("running_mean", "running_var")))
     assert _n(det) + stats == with_stats
+
+
+# MACs at 320x320: the config headers (0.45B / 1.53B / 2.82B / 5.07B) and our count (zoo.bench.count_gmacs, conv +
+# linear, pinned to the MODEL_CARD figures).
+GMACS = {"cpu": (0.45, 0.444), "edgetpu": (1.53, 1.533), "dsp": (2.82, 2.816), "gpu": (5.07, 5.073)}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gmacs_at_320_equal_config_header(arch):
+    from zoo.bench import count_gmacs
+
+    with torch.device("meta"):
+        det = zoo.create_model(f"ssdlite_mobiledet_{arch}").eval()
+    gmacs = count_gmacs(det, torch.empty(1, 3, 320, 320, device="meta"))
+    header, ours = GMACS[arch]
+    assert round(gmacs, 3) == ours
+    assert gmacs == pytest.approx(header, rel=0.015)  # the header's 2-digit figure (CPU: 0.444 vs "0.45B")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -202,7 +220,7 @@ def tiny():
     return SSDLiteMobileDet("cpu", num_classes=3, multiplier=0.25)
 
 
-def test_loss_handles_empty_images_and_trains(tiny):
+def test_loss_handles_empty_images_and_backpropagates(tiny):
     x = torch.randn(2, 3, 96, 96)
     targets = [dict(boxes=torch.tensor([[10.0, 12.0, 60.0, 50.0]]), labels=torch.tensor([2])),
                dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
@@ -213,6 +231,92 @@ def test_loss_handles_empty_images_and_trains(tiny):
     assert all(torch.isfinite(p.grad).all() for p in tiny.parameters() if p.grad is not None)
     empty = tiny.loss(out, [targets[1], targets[1]], (96, 96))
     assert torch.isfinite(empty["loss"]) and empty["loss_box"] == 0 and empty["num_pos"] == 0
+
+
+def _focal(logit: float, target: int, alpha: float = 0.75, gamma: float = 2.0) -> float:
+    """One sigmoid focal term, written out: -alpha_t (1 - p_t)^gamma log p_t."""
+    p = 1.0 / (1.0 + math.exp(-logit))
+    p_t, alpha_t = (p, alpha) if target else (1.0 - p, 1.0 - alpha)
+    return -alpha_t * (1.0 - p_t) ** gamma * math.log(p_t)
+
+
+def _smooth_l1(d: float) -> float:
+    return 0.5 * d * d if abs(d) < 1.0 else abs(d) - 0.5
+
+
+def test_loss_equals_hand_computed_small_case():
+    """Four hand-placed anchors, two images, 3 classes (4 slots, slot 0 = background), matcher 0.5 / 0.4.
+
+    Image 0: gt g0 = (5, 0, 55, 50) px label 2 and g1 = (50, 50, 80, 80) px label 0 on a 100x100 input.
+      a0 = (0, 0, .5, .5):    IoU(g0) = .225 / .275 = 0.818 -> matched to g0 (slot 3), code (0, 1, 0, 0)
+      a1 = (.5, .5, 1, 1):    IoU(g1) = .09 / .25 = 0.36 < 0.4, but g1's best anchor -> forced match (slot 1),
+                              code (-2, -2, 5 ln .6, 5 ln .6)
+      a2 = (0, .5, .5, 1):    IoU 0 -> background (all four slots target 0)
+      a3 = (.25, 0, .75, .5): IoU(g0) = .15 / .35 = 0.429 in [0.4, 0.5) -> ignored: no class loss, no box loss
+    Image 1: no boxes -> all four anchors background.
+    cls = sum of focal terms over non-ignored anchors and all slots / 2 matches; box = sum of smooth L1 over the
+    two matched anchors / (2 matches * code size 4).
+    """
+    torch.manual_seed(0)
+    det = SSDLiteMobileDet("cpu", num_classes=3, multiplier=0.25, unmatched_threshold=0.4)
+    anchors = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0], [0.0, 0.5, 0.5, 1.0], [0.25, 0.0, 0.75, 0.5]])
+    det.anchors = lambda size, device=None: anchors.to(device)  # the hand-placed anchors replace the SSD grid
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(2, 4, 4, generator=g) * 2
+    cls[0, 3] = 8.0  # the ignored anchor: confident "object" scores that would dominate if it were counted
+    box = torch.randn(2, 4, 4, generator=g)
+    box[0, 2:] = 10.0  # deltas of background / ignored anchors: large, must not count
+    targets = [dict(boxes=torch.tensor([[5.0, 0.0, 55.0, 50.0], [50.0, 50.0, 80.0, 80.0]]), labels=torch.tensor([2, 0])),
+               dict(boxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))]
+    codes = {(0, 0): [0.0, 1.0, 0.0, 0.0], (0, 1): [-2.0, -2.0, 5 * math.log(0.6), 5 * math.log(0.6)]}
+    slot = {(0, 0): 3, (0, 1): 1}
+
+    def expected(ignored):
+        valid = [(i, a) for i in range(2) for a in range(4) if (i, a) not in ignored]
+        c = sum(_focal(cls[i, a, k].item(), int(slot.get((i, a)) == k)) for i, a in valid for k in range(4)) / 2
+        b = sum(_smooth_l1(box[i, a, j].item() - codes[i, a][j]) for i, a in codes for j in range(4)) / (2 * 4)
+        return c, b
+
+    got = det.loss((cls, box), targets, (100, 100))
+    c, b = expected(ignored={(0, 3)})
+    assert got["num_pos"].item() == 2
+    assert got["loss_cls"].item() == pytest.approx(c, rel=1e-5)
+    assert got["loss_box"].item() == pytest.approx(b, rel=1e-5)
+    assert got["loss"].item() == pytest.approx(c + b, rel=1e-5)
+    # matcher 0.5 / 0.5 (the configs): a3 is background, so its confident scores are now penalized
+    det.unmatched_threshold = 0.5
+    got = det.loss((cls, box), targets, (100, 100))
+    c5, _ = expected(ignored=set())
+    assert got["loss_cls"].item() == pytest.approx(c5, rel=1e-5) and c5 > c + 3
+
+
+def test_optimizer_step_changes_parameters_and_lowers_the_loss():
+    """A real training step: every parameter with a gradient moves, and the loss on the same batch goes down."""
+    torch.manual_seed(0)
+    det = SSDLiteMobileDet("cpu", num_classes=3, multiplier=0.25, extra_depths=(64, 32, 32, 16)).train()
+    x = torch.randn(2, 3, 64, 64)
+    targets = [dict(boxes=torch.tensor([[10.0, 12.0, 40.0, 34.0], [30.0, 30.0, 62.0, 60.0]]), labels=torch.tensor([2, 0])),
+               dict(boxes=torch.tensor([[0.0, 0.0, 28.0, 50.0]]), labels=torch.tensor([1]))]
+    opt = torch.optim.SGD(det.parameters(), lr=0.02, momentum=0.9)
+    before = {n: p.detach().clone() for n, p in det.named_parameters()}
+    losses, stepped = [], set()
+    for _ in range(3):
+        opt.zero_grad()
+        loss = det.loss(det(x), targets, (64, 64))["loss"]
+        loss.backward()
+        stepped |= {n for n, p in det.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        losses.append(det.loss(det(x), targets, (64, 64))["loss"].item())
+    changed = {n for n, p in det.named_parameters() if not torch.equal(before[n], p.detach())}
+    names = [n for n, _ in det.named_parameters()]
+    # parameters moved (not just BatchNorm buffers), in every part of the network; nothing moved without a gradient
+    # (the box heads of levels where no anchor matched have none)
+    assert changed <= stepped and len(changed) > 0.85 * len(names)
+    assert all(n in changed for n in names if n.startswith("backbone."))
+    assert {n.split(".")[0] for n in changed} == {"backbone", "extras", "box_heads", "cls_heads"}
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.97 * losses[0], losses
 
 
 @pytest.mark.parametrize(
@@ -294,10 +398,8 @@ def test_postprocess_padding_when_few_detections(tiny):
 def test_deploy_form_matches_training_form():
     torch.manual_seed(0)
     det = zoo.create_model("ssdlite_mobiledet_dsp", num_classes=4, multiplier=0.25).eval()
-    for m in det.modules():  # non-trivial BN statistics
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    randomize_batchnorms(det)  # running statistics and the affine gamma / beta
+    assert not torch.equal(det.backbone.stem.norm.weight, torch.ones_like(det.backbone.stem.norm.weight))
     from zoo.deploy import count_foldable_batchnorms, reparameterize
 
     fused = reparameterize(det)
