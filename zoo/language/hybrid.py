@@ -915,7 +915,9 @@ def build_context(
         if cache is None:
             segments = _packed_segments(position_ids)
     else:
-        if new_mask is None and (cache is None or cache.next_position is None):
+        if cache is None or (new_mask is None and cache.next_position is None):
+            # like transformers' forward: 0..T-1 whatever the mask (RoPE is relative, so a left-padded row scores
+            # as it would alone); with a cache, positions skip padding as generate()'s position_ids do
             position_ids = torch.arange(past, past + t, device=dev).expand(bsz, t)
         else:
             start = cache.next_position if cache is not None and cache.next_position is not None else None
