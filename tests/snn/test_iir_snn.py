@@ -36,18 +36,35 @@ def _trained_ann(seed=0, **kw):
 # ------------------------------------------------------------------------------------------- architecture
 
 
+def _conv(cin, cout, k=3, bias=True):
+    return k * k * cin * cout + (cout if bias else 0)
+
+
+# Counted by hand from the reference code (SayeedChowdhury/IIR-SNN @ 7e4cc00), not from our modules:
+# vgg_spiking_bnfused_biasyes.py, cfg 'VGG11' = [64, A, 128, 256, A, 512, 512, A, 512, A, 512, 512]: biased 3x3
+# convs, then bias-free Linear(512*2*2, 4096), Linear(4096, 4096), Linear(4096, 10) at 32x32.
+REF_VGG11 = (sum(_conv(a, b) for a, b in [(3, 64), (64, 128), (128, 256), (256, 512)] + [(512, 512)] * 4)
+             + 2048 * 4096 + 4096 * 4096 + 4096 * 10)
+# resnet_spiking_bnfused_biasconv.py, 'resnet20' = [2, 2, 2, 2] BasicBlocks (every conv biased): pre_process
+# 3 convs 3->64->64->64 + AvgPool(2); layer widths 64/128/256/512 (stride 1/2/2/2, 1x1 biased shortcut where the
+# shape changes); bias-free Linear(512*2*2, 10).
+REF_RESNET20 = (_conv(3, 64) + 2 * _conv(64, 64) + 4 * _conv(64, 64)
+                + sum(_conv(a, b) + 3 * _conv(b, b) + _conv(a, b, k=1) for a, b in [(64, 128), (128, 256), (256, 512)])
+                + 2048 * 10)
+
+
 @pytest.mark.parametrize("name,kwargs,weights,spiking_layers", [
     ("snn_vgg16", {}, 39_921_472, 15),                     # reference code, CIFAR-10
     ("snn_vgg16", {"num_classes": 100}, 40_290_112, 15),   # CIFAR-100
     ("snn_vgg16_imagenet", {}, 138_348_352, 15),           # ImageNet shape (5 pools, 25088-wide FC)
-    ("snn_vgg11", {}, None, 10),
-    ("snn_resnet20", {}, None, 19),
+    ("snn_vgg11", {}, REF_VGG11, 10),                      # 36,196,992
+    ("snn_resnet20", {}, REF_RESNET20, 19),                # 11,258,368
 ])
 def test_weight_counts_and_neuron_parameters(name, kwargs, weights, spiking_layers):
+    assert (REF_VGG11, REF_RESNET20) == (36_196_992, 11_258_368)  # the MODEL_CARD figures
     with torch.device("meta"):
         m = zoo.create_model(name, **kwargs)
-    if weights is not None:
-        assert _weights(m) == weights
+    assert _weights(m) == weights
     lifs = m.lif_layers()
     assert len(lifs) == spiking_layers
     names = [n for n, _ in m.named_parameters()]
@@ -274,6 +291,46 @@ def test_official_vgg_layouts_load():
     official_ann["classifier.3.weight"] = asd["head.weight"]
     mapped = checkpoint_filter_fn(official_ann, ann)
     assert set(mapped) == set(asd) and all(torch.equal(mapped[k], asd[k]) for k in asd)
+
+
+def test_reference_vgg16_key_list_maps_onto_ours():
+    """The reference SNN checkpoint layout for the full CIFAR VGG16, written out from the reference code
+    (vgg_spiking_bnfused_biasyes.py ``_make_layers``: conv, ReLU, Dropout per conv, the Dropout before each 'A'
+    replaced by the AvgPool -> conv indices 0, 3, ..., 36 in a 39-entry ``features``; ``classifier`` Linear at 0, 3,
+    6; ``threshold.tN`` / ``leak.lN`` at each conv index and at 39 + 0, 39 + 3 for the hidden Linears; DataParallel
+    ``module.`` prefix), not produced by inverting our converter.
+
+    No independent program can produce this layout here: the reference repository is not packaged (no PyPI /
+    conda release), its trained files are on Google Drive only, and its code may not be vendored into this
+    repository; this literal list is the independent check."""
+    convs = [(0, 3, 64), (3, 64, 64), (6, 64, 128), (9, 128, 128), (12, 128, 256), (15, 256, 256), (18, 256, 256),
+             (21, 256, 512), (24, 512, 512), (27, 512, 512), (30, 512, 512), (33, 512, 512), (36, 512, 512)]
+    ref = {}
+    for i, cin, cout in convs:
+        ref[f"module.features.{i}.weight"] = (cout, cin, 3, 3)
+        ref[f"module.features.{i}.bias"] = (cout,)
+        ref[f"module.threshold.t{i}"] = ()
+        ref[f"module.leak.l{i}"] = ()
+    for i, (cin, cout) in zip((0, 3, 6), ((2048, 4096), (4096, 4096), (4096, 10))):
+        ref[f"module.classifier.{i}.weight"] = (cout, cin)
+    for i in (39, 42):
+        ref[f"module.threshold.t{i}"] = ()
+        ref[f"module.leak.l{i}"] = ()
+    with torch.device("meta"):
+        ours = zoo.create_model("snn_vgg16")
+        official = {k: torch.empty(shape) for k, shape in ref.items()}
+    from zoo.checkpoints import clean_state_dict
+
+    mapped = checkpoint_filter_fn(clean_state_dict(official), ours)
+    own = ours.state_dict()
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in own.items()}
+    # every reference tensor is used once, in the reference order (same-shape 512 convs cannot be swapped)
+    assert len(mapped) == len(ref)
+    ours_convs = [k for k in own if k.endswith(".conv.weight")]
+    assert all(mapped[k] is official[f"module.features.{i}.weight"] for k, (i, _, _) in zip(ours_convs, convs))
+    fcs = [k for k in own if k.endswith(".fc.weight")] + ["head.weight"]
+    assert all(mapped[k] is official[f"module.classifier.{i}.weight"] for k, i in zip(fcs, (0, 3, 6)))
+    assert mapped["features.0.conv.weight"].shape == (64, 3, 3, 3) and mapped["head.weight"].shape == (10, 4096)
 
 
 # ------------------------------------------------------------------------------------- report, confidence, ONNX
