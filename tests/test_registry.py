@@ -75,3 +75,38 @@ def test_in_chans_adapts_first_conv(tmp_path, tiny_nextvit_args):
     m = zoo.create_model("nextvit_small", in_chans=1, checkpoint_path=tmp_path / "w.pth", **tiny_nextvit_args)
     w3 = src.stem[0].conv.weight
     assert torch.allclose(m.stem[0].conv.weight[:, 0], w3.sum(1), atol=1e-6)  # timm's adapt_input_conv rule
+
+
+def test_model_index_in_sync():
+    """zoo/model_index.json (what `zoo list` / `zoo info` read without importing model code) matches the families."""
+    from zoo.registry import INDEX_PATH, _index, build_index
+
+    _index.cache_clear()
+    stored = _index()
+    # parameters are counted for the first model of each family (counting all, even on meta, takes a minute);
+    # every other field of every model is compared
+    first = {}
+    for n, rec in sorted(stored["models"].items()):
+        first.setdefault(rec["module"], n)
+    built = build_index(count_params=first.values())
+    assert set(stored["modules"]) == set(built["modules"]), "run `python -m zoo.registry` to regenerate the index"
+    for n, rec in built["models"].items():
+        if rec["params"] == -1 and n in stored["models"]:
+            rec["params"] = stored["models"][n]["params"]
+    stale = sorted(n for n in set(built["models"]) | set(stored["models"])
+                   if built["models"].get(n) != stored["models"].get(n))
+    assert not stale, f"{INDEX_PATH.name} is stale for {stale[:8]}: run `python -m zoo.registry` to regenerate it"
+
+
+def test_listing_imports_no_model_code():
+    """`zoo list` / `zoo info` / `import zoo` stay light: no torch, timm, Lightning, wandb or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, zoo, zoo.data; from zoo.tools import list_main, info_main; "
+            "list_main(['nextvit_*']); info_main(['nextvit_small']); "
+            "bad = [m for m in ('torch', 'timm', 'lightning', 'wandb', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "nextvit_small" in r.stdout

@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import torch
 
-from zoo.registry import CheckpointSource
+from zoo.registry import PINNED_SHA256, CheckpointSource  # noqa: F401  (PINNED_SHA256 re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +62,8 @@ def _file_name(source: CheckpointSource) -> str:
     return Path(urllib.request.urlparse(source.url or "").path).name or "checkpoint.bin"
 
 
-# sha256 of released files, keyed by CheckpointSource.location, for sources whose family entry pins none. Each value
-# is the "Git LFS Details: SHA256" that the Hugging Face file page lists (the page named in the comment); a download
-# that does not match is not kept. MODEL_CARD.md lists the tags these cover ("verified").
-PINNED_SHA256: dict[str, str] = {
-    # https://huggingface.co/timm/nextvit_small.bd_ssld_6m_in1k/blob/main/model.safetensors (commit 4bdc94b)
-    "hf://timm/nextvit_small.bd_ssld_6m_in1k/model.safetensors":
-        "cc15a70eae88347934fea2b1b2a9f809e48e67e94875fcbdb666525a50643956",
-    # https://huggingface.co/timm/fastvit_t12.apple_in1k/blob/main/model.safetensors (commit 368fd09)
-    "hf://timm/fastvit_t12.apple_in1k/model.safetensors":
-        "ec5022429778ac28f0abc778568143ce56b2ac028c4c1939cc61c86f9c63ae73",
-    # https://huggingface.co/timm/fastvit_sa12.apple_in1k/blob/main/model.safetensors (commit 4a83ca7)
-    "hf://timm/fastvit_sa12.apple_in1k/model.safetensors":
-        "4c41bc351018c691167b661e3bb03bcd713a2915ef7128e118877ca0ca5b5afa",
-    # https://huggingface.co/timm/fastvit_sa12.apple_dist_in1k/blob/main/model.safetensors (commit bd7cc24)
-    "hf://timm/fastvit_sa12.apple_dist_in1k/model.safetensors":
-        "18b9da4a792331715218461c78c2560781771a5cbbbd8e028940d6f964298bbb",
-    # https://huggingface.co/timm/fastvit_sa24.apple_dist_in1k/blob/main/model.safetensors (commit 6234320)
-    "hf://timm/fastvit_sa24.apple_dist_in1k/model.safetensors":
-        "c38594c380a5542da9e6ac3c36af95ab180d54e8982c822c677e452e03217a10",
-}
+# PINNED_SHA256 (sha256 of released files by source location) lives in zoo.registry, torch-free, so `zoo info`
+# can show which tags are verified without importing torch.
 
 
 def expected_sha256(source: CheckpointSource) -> str | None:

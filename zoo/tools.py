@@ -41,17 +41,20 @@ def _error(prog: str, message: str, code: int) -> int:
 
 def _run(prog: str, fn: Callable[[], int]) -> int:
     """Turn the errors a user can cause into one line on stderr and an exit code."""
-    from zoo.checkpoints import CheckpointError
     from zoo.registry import UnknownModelError
 
     try:
         return fn()
     except UnknownModelError as e:
         return _error(prog, str(e), 2)
-    except CheckpointError as e:
-        return _error(prog, str(e), 1)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        return _error(prog, str(e), 2)
+    except Exception as e:
+        # zoo.checkpoints imports torch: only look at it if the command already loaded it (keeps `zoo list` fast)
+        ck = sys.modules.get("zoo.checkpoints")
+        if ck is not None and isinstance(e, ck.CheckpointError):
+            return _error(prog, str(e), 1)
+        if isinstance(e, (ValueError, TypeError, FileNotFoundError)):
+            return _error(prog, str(e), 2)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------- zoo list

@@ -26,16 +26,15 @@ weights and sets every threshold with the paper's percentile rule.
 Timesteps: the constructor's ``timesteps`` (default 5) is the model's ``timesteps`` attribute; ``model(x,
 timesteps=3)`` overrides it for one call; ``model.set_timesteps(T)`` changes it.
 """
-from __future__ import annotations
-
 import contextlib
 import math
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo.contract import SmallCfg, ZooModel
 from zoo.layers import ConvNorm
 from zoo.registry import ModelCfg, register_model
 
@@ -74,12 +73,16 @@ class SpikeFn(torch.autograd.Function):
         return grad_out * (ctx.slope * (1.0 - z.abs()).clamp_min(0.0)), None
 
 
+@torch.fx.wrap  # FX records one call (the surrogate needs real tensors to decide), traced graphs then train too
 def spike(z: torch.Tensor, slope: float = SURROGATE_SLOPE) -> torch.Tensor:
     """Spikes ``1[z > 0]``; differentiable through the surrogate when autograd needs it, a plain comparison
-    otherwise (so inference and exported graphs hold a ``Greater`` op, not a custom function)."""
-    if torch.is_grad_enabled() and z.requires_grad:
-        return SpikeFn.apply(z, slope)
-    return (z > 0).to(z.dtype)
+    otherwise (so inference, TorchScript and exported graphs hold a ``Greater`` op, not a custom function)."""
+    if torch.jit.is_scripting():
+        return (z > 0).to(z.dtype)
+    else:
+        if torch.is_grad_enabled() and z.requires_grad:
+            return SpikeFn.apply(z, slope)
+        return (z > 0).to(z.dtype)
 
 
 Monitor = Callable[["LIFNeuron", torch.Tensor, torch.Tensor], None]
@@ -260,23 +263,18 @@ def _run(seq: nn.Sequential, x: torch.Tensor, state: dict, prefix: str) -> torch
 # --------------------------------------------------------------------------------------------------- networks
 
 
-class SpikingNet(nn.Module):
+class SpikingNet(ZooModel):
     """Time loop, timm model API and SNN utilities shared by :class:`SpikingVGG` and :class:`SpikingResNet`.
 
     Subclasses define ``_step(x, state) -> pre-logit spikes of one timestep`` (SNN form), ``_ann_features(x)`` (ANN
     form) and ``head``.
     """
 
-    spiking: bool
-    timesteps: int
-    num_classes: int
-    num_features: int
-    head: nn.Linear
-
-    def _init_common(self, spiking: bool, timesteps: int, num_classes: int) -> None:
+    def _init_common(self, spiking: bool, timesteps: int, num_classes: int, in_chans: int) -> None:
         if timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
         self.spiking = spiking
+        self.in_chans = in_chans
         self.timesteps = int(timesteps)
         self.num_classes = num_classes
         self.grad_checkpointing = False
@@ -287,7 +285,11 @@ class SpikingNet(nn.Module):
             raise ValueError(f"timesteps must be >= 1, got {timesteps}")
         self.timesteps = int(timesteps)
 
-    def _resolve_t(self, timesteps: int | None) -> int:
+    def _resolve_t(self, timesteps: Optional[int]) -> int:
+        if isinstance(timesteps, torch.fx.Proxy):
+            # FX tracing makes every forward argument a placeholder; the traced graph unrolls the model's own
+            # timestep count (the `timesteps` attribute / constructor value), as set before tracing.
+            timesteps = None
         if not self.spiking:
             if timesteps is not None:
                 raise ValueError("timesteps= applies to the spiking form; this model was built with spiking=False (ANN)")
@@ -322,11 +324,11 @@ class SpikingNet(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: int | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, timesteps))
 
-    # ---- timm API
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+    # ---- timm API (zoo.contract.ZooModel: get_classifier, reset_classifier keeping device/dtype)
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        if global_pool:
+            raise ValueError(f"{type(self).__name__} has no global pooling (global_pool={global_pool!r}): the head "
+                             "reads the flattened pre-logit features")
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
 
@@ -441,7 +443,7 @@ class SpikingVGG(SpikingNet):
         deploy: bool = False,
     ):
         super().__init__()
-        self._init_common(spiking, timesteps, num_classes)
+        self._init_common(spiking, timesteps, num_classes, in_chans)
         layers_cfg = tuple(VGG_CFGS[cfg] if isinstance(cfg, str) else cfg)
         self.arch_args = dict(cfg=cfg if isinstance(cfg, str) else list(cfg), num_classes=num_classes,
                               in_chans=in_chans, img_size=img_size, fc_dims=list(fc_dims), spiking=spiking,
@@ -520,7 +522,7 @@ class SpikingResNet(SpikingNet):
         deploy: bool = False,
     ):
         super().__init__()
-        self._init_common(spiking, timesteps, num_classes)
+        self._init_common(spiking, timesteps, num_classes, in_chans)
         self.arch_args = dict(layers=list(layers), widths=list(widths), stem_width=stem_width,
                               num_classes=num_classes, in_chans=in_chans, img_size=img_size, spiking=spiking,
                               timesteps=timesteps, drop_rate=drop_rate, threshold=threshold, leak=leak,
@@ -893,6 +895,14 @@ default_cfgs = {
         first_conv="stem.0.conv",
         notes="the reference code's RESNET20 (3-conv stem + 8 basic blocks + FC), not He et al.'s CIFAR ResNet-20.",
     ),
+}
+
+
+# tests/test_contract.py: one conv per stage, narrow FC layers
+small_cfgs = {
+    "snn_vgg16_imagenet": SmallCfg(dict(cfg=(8, "A", 16, "A"), fc_dims=(32,), img_size=16, timesteps=2), img_size=16),
+    "snn_vgg*": SmallCfg(dict(cfg=(8, "A", 16, "A"), fc_dims=(32,), img_size=16, timesteps=2), img_size=16),
+    "snn_resnet*": SmallCfg(dict(layers=(1, 1), widths=(8, 16), stem_width=8, img_size=16, timesteps=2), img_size=16),
 }
 
 

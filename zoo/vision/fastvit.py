@@ -23,11 +23,9 @@ computes the downsampling conv's GELU and discards it; MobileCLIP and FastVLM ap
 (ml-fastvit uses 1e-6 for SA36/MA36, timm 1e-5), ``feature_tap`` (which tensor the dense-prediction features are) and
 ``head_bias`` (Apple's CLIP projection has no bias; timm adds a zero one).
 """
-from __future__ import annotations
-
 import logging
 import re
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +33,7 @@ from timm.layers import ClassifierHead, DropPath, LayerNorm2d, SqueezeExcite, tr
 from timm.models import FeatureInfo, checkpoint_seq
 from torch import nn
 
+from zoo.contract import SmallCfg, ZooModel, feature_take_indices
 from zoo.layers import bn_affine, fold_bn_into_conv, fold_pre_bn_into_linear
 from zoo.registry import CheckpointSource, ModelCfg, register_model
 
@@ -150,6 +149,9 @@ class MobileOneBlock(nn.Module):
         self.deployed = deploy
         self.se = SqueezeExcite(out_chs, rd_divisor=1) if use_se else nn.Identity()  # rd 1/16, ReLU, sigmoid
         self.act = act_layer() if use_act else nn.Identity()
+        # The form not built is None (not absent), so TorchScript resolves forward's branches statically.
+        self.reparam_conv: Optional[nn.Conv2d] = None
+        self.identity = self.conv_kxk = self.conv_scale = None
         if deploy:
             self.reparam_conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups)
         else:
@@ -163,15 +165,21 @@ class MobileOneBlock(nn.Module):
             )
 
     def forward(self, x):
-        if self.deployed:
+        if self.reparam_conv is not None:
             return self.act(self.se(self.reparam_conv(x)))
-        out = self.identity(x) if self.identity is not None else 0
-        if self.conv_scale is not None:
-            out = out + self.conv_scale(x)
-        if self.conv_kxk is not None:
-            for branch in self.conv_kxk:
-                out = out + branch(x)
-        return self.act(self.se(out))
+        else:
+            out: Optional[torch.Tensor] = None
+            if self.identity is not None:
+                out = self.identity(x)
+            if self.conv_scale is not None:
+                y = self.conv_scale(x)
+                out = y if out is None else out + y
+            if self.conv_kxk is not None:
+                for branch in self.conv_kxk:
+                    y = branch(x)
+                    out = y if out is None else out + y
+            assert out is not None, "a MobileOneBlock needs at least one branch"
+            return self.act(self.se(out))
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(weight, bias) of the single conv equal to the sum of the branches (in float64, cast back)."""
@@ -197,7 +205,7 @@ class MobileOneBlock(nn.Module):
             return
         w, b = self.fused()
         conv = _new_conv(self.in_chs, self.out_chs, self.kernel_size, self.stride, self.groups, w, b)
-        del self.identity, self.conv_kxk, self.conv_scale
+        self.identity = self.conv_kxk = self.conv_scale = None
         self.reparam_conv = conv
         self.deployed = True
 
@@ -236,6 +244,8 @@ class ReparamLargeKernelConv(nn.Module):
         self.deployed = deploy
         if small_kernel is not None and small_kernel > kernel_size:
             raise ValueError(f"small_kernel={small_kernel} must not exceed kernel_size={kernel_size}")
+        self.reparam_conv: Optional[nn.Conv2d] = None  # None, not absent: TorchScript (see MobileOneBlock)
+        self.large_conv = self.small_conv = None
         if deploy:
             self.reparam_conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, kernel_size // 2, groups=groups)
         else:
@@ -245,7 +255,7 @@ class ReparamLargeKernelConv(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x):
-        if self.deployed:
+        if self.reparam_conv is not None:
             out = self.reparam_conv(x)
         else:
             out = self.large_conv(x)
@@ -270,7 +280,7 @@ class ReparamLargeKernelConv(nn.Module):
             return
         w, b = self.fused()
         conv = _new_conv(self.in_chs, self.out_chs, self.kernel_size, self.stride, self.groups, w, b)
-        del self.large_conv, self.small_conv
+        self.large_conv = self.small_conv = None
         self.reparam_conv = conv
         self.deployed = True
 
@@ -302,6 +312,8 @@ class RepMixer(nn.Module):
     def __init__(self, dim: int, kernel_size: int = 3, layer_scale_init_value: float | None = 1e-5, deploy: bool = False):
         super().__init__()
         self.dim, self.kernel_size, self.deployed = dim, kernel_size, deploy
+        self.reparam_conv: Optional[nn.Conv2d] = None  # None, not absent: TorchScript (see MobileOneBlock)
+        self.norm = self.mixer = self.layer_scale = None
         if deploy:
             self.reparam_conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
         else:
@@ -313,9 +325,10 @@ class RepMixer(nn.Module):
             )
 
     def forward(self, x):
-        if self.deployed:
+        if self.reparam_conv is not None:
             return self.reparam_conv(x)
-        return x + self.layer_scale(self.mixer(x) - self.norm(x))
+        else:
+            return x + self.layer_scale(self.mixer(x) - self.norm(x))
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -330,7 +343,7 @@ class RepMixer(nn.Module):
         w = eye + g4 * (wm.double() - wn.double())
         b = g * (bm.double() - bn.double())
         conv = _new_conv(self.dim, self.dim, self.kernel_size, 1, self.dim, w.to(dt), b.to(dt))
-        del self.norm, self.mixer, self.layer_scale
+        self.norm = self.mixer = self.layer_scale = None
         self.reparam_conv = conv
         self.deployed = True
 
@@ -355,15 +368,18 @@ class RepConditionalPosEnc(nn.Module):
         super().__init__()
         self.dim, self.kernel_size, self.deployed = dim, kernel_size, deploy
         conv = nn.Conv2d(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim, bias=True)
+        self.reparam_conv: Optional[nn.Conv2d] = None  # None, not absent: TorchScript (see MobileOneBlock)
+        self.pos_enc: Optional[nn.Conv2d] = None
         if deploy:
             self.reparam_conv = conv
         else:
             self.pos_enc = conv
 
     def forward(self, x):
-        if self.deployed:
+        if self.reparam_conv is not None:
             return self.reparam_conv(x)
-        return x + self.pos_enc(x)
+        else:
+            return x + self.pos_enc(x)
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -371,7 +387,7 @@ class RepConditionalPosEnc(nn.Module):
             return
         w = self.pos_enc.weight + _identity_kernel(self.dim, self.dim, self.kernel_size, self.pos_enc.weight)
         conv = _new_conv(self.dim, self.dim, self.kernel_size, 1, self.dim, w, self.pos_enc.bias)
-        del self.pos_enc
+        self.pos_enc = None
         self.reparam_conv = conv
         self.deployed = True
 
@@ -556,7 +572,7 @@ class FastVitStage(nn.Module):
 # -------------------------------------------------------------------------------------------------- model
 
 
-class FastVit(nn.Module):
+class FastVit(ZooModel):
     """FastViT / MCi / FastViTHD backbone with classifier (or CLIP projection) head, following timm's model API.
 
     Args:
@@ -583,6 +599,8 @@ class FastVit(nn.Module):
             scales (deploy state dict then differs from Apple's / timm's).
         deploy: build the inference form (``inference_mode`` is accepted as an alias).
     """
+
+    tail_module = "final_conv"  # forward_features ends with final_conv (a width-doubling conv, not a norm)
 
     def __init__(
         self,
@@ -714,11 +732,7 @@ class FastVit(nn.Module):
         for s in self.stages:
             s.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
         if not self.head_bias and num_classes > 0:
@@ -736,32 +750,8 @@ class FastVit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | None = None,
-                              intermediates_only: bool = False):
-        """timm's API: per-stage maps for ``indices`` (None: all; int n: the last n) and the final features."""
-        take = self._take_indices(indices)
-        feats = []
-        x = self.stem(x)
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in take:
-                feats.append(x)
-        if intermediates_only:
-            return feats
-        return self.final_conv(x), feats
-
-    def _take_indices(self, indices) -> list[int]:
-        n = self.num_stages
-        if indices is None:
-            return list(range(n))
-        if isinstance(indices, int):
-            if not 0 < indices <= n:
-                raise ValueError(f"indices={indices}: the model has {n} stages")
-            return list(range(n - indices, n))
-        out = [i % n if -n <= i < n else None for i in indices]
-        if None in out:
-            raise ValueError(f"out_indices {list(indices)} out of range: the model has {n} feature levels")
-        return out
+    def _take_indices(self, indices) -> list:
+        return feature_take_indices(self.num_stages, indices)[0]
 
     def forward_visual_tokens(self, x: torch.Tensor, projection: str | None = None) -> torch.Tensor:
         """The visual token sequence a language model consumes (FastVLM): the ``final_conv`` map flattened row-major
@@ -1088,6 +1078,15 @@ default_cfgs.update({
               "holds the whole VLM. For 1.5B/7B pass checkpoint_path= (a file or a folder of *.safetensors).",
         **_FASTVLM),
 })
+
+
+# tests/test_contract.py: depth 1 and narrow widths; every structural flag of a variant (SE, act, norm, stages) is kept
+small_cfgs = {
+    "fastvit_mci3": SmallCfg(dict(layers=(1,) * 5, embed_dims=(16, 32, 64, 128, 256)), img_size=64),
+    "fastvit_mci4": SmallCfg(dict(layers=(1,) * 5, embed_dims=(16, 32, 64, 128, 256)), img_size=64),
+    "fastvithd": SmallCfg(dict(layers=(1,) * 5, embed_dims=(16, 32, 64, 128, 256)), img_size=64),
+    "fastvit_*": SmallCfg(dict(layers=(1,) * 4, embed_dims=(16, 32, 64, 128)), img_size=64),
+}
 
 
 def _create(defaults: dict, kwargs: dict) -> FastVit:

@@ -22,10 +22,8 @@ Detector API (shared with every detector of :mod:`zoo.tasks.detection`):
 ``loss(outputs, targets, image_size) -> dict``, ``postprocess(outputs, image_size) -> list[dict]``;
 :class:`DetectionPostprocess` wraps a detector for export with fixed-size, padded detections.
 """
-from __future__ import annotations
-
 import math
-from typing import Any, Sequence
+from typing import Any, List, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +31,11 @@ import torch.nn.functional as F
 from timm.layers import ClassifierHead, trunc_normal_
 from timm.layers.padding import pad_same
 from timm.layers.squeeze_excite import SEModule
+from timm.models import checkpoint_seq
 from torch import nn
 from torchvision.ops import batched_nms, box_iou, nms, sigmoid_focal_loss
 
+from zoo.contract import SmallCfg, ZooModel
 from zoo.layers import ConvNorm
 from zoo.registry import ModelCfg, register_model
 
@@ -70,12 +70,13 @@ class ConvBnAct(ConvNorm):
         )
         if isinstance(self.norm, nn.BatchNorm2d):
             self.norm.momentum = bn[1]
+        self.pad_kernel: List[int] = [kernel_size, kernel_size]  # plain lists: TorchScript-friendly pad_same args
+        self.pad_stride: List[int] = [stride, stride]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dynamic_pad:
-            k, s = self.conv.kernel_size, self.conv.stride
-            x = pad_same(x, list(k), list(s))
-        return super().forward(x)
+            x = pad_same(x, self.pad_kernel, self.pad_stride)
+        return self.act(self.norm(self.conv(x)))  # ConvNorm's forward (no super(): TorchScript)
 
 
 class InvertedBottleneck(nn.Module):
@@ -272,7 +273,7 @@ def _init_tf_he(m: nn.Module) -> None:
 # -------------------------------------------------------------------------------------------- backbone
 
 
-class MobileDet(nn.Module):
+class MobileDet(ZooModel):
     """MobileDet backbone with timm's model API (a classifier head is optional; ``num_classes=0`` removes it).
 
     ``forward_features`` returns the C5 map; ``forward_intermediates``-style access to C1..C5 goes through
@@ -295,7 +296,7 @@ class MobileDet(nn.Module):
             raise ValueError(f"unknown MobileDet arch {arch!r}; choose one of {sorted(ARCH_SPECS)}")
         spec = ARCH_SPECS[arch]
         act = _ACTS[spec["act"]]
-        self.arch, self.multiplier, self.num_classes = arch, multiplier, num_classes
+        self.arch, self.multiplier, self.num_classes, self.in_chans = arch, multiplier, num_classes, in_chans
         self.grad_checkpointing = False
         chs = scale_filters(spec["stem"], multiplier)
         self.stem = ConvBnAct(in_chans, chs, 3, 2, act_layer=act, pad_type=pad_type, deploy=deploy)
@@ -323,22 +324,17 @@ class MobileDet(nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
+    def run_stage(self, index: int, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
-
-    def forward_endpoints(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_endpoints(self, x: torch.Tensor) -> List[torch.Tensor]:
         """C1..C5 feature maps."""
         x = self.stem(x)
-        out = []
-        for stage in self.stages:
-            if self.grad_checkpointing and not torch.jit.is_scripting() and x.requires_grad:
-                from timm.models import checkpoint_seq
-
+        out: List[torch.Tensor] = []
+        for stage in self.stages:  # same as run_stage (TorchScript cannot pass a module to a method)
+            if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint_seq(stage, x)
             else:
                 x = stage(x)
@@ -806,8 +802,9 @@ def _det_cfg(arch: str) -> ModelCfg:
 def _backbone_cfg(arch: str) -> ModelCfg:
     return ModelCfg(
         task="image-classification", classifier="head.fc",
+        pool_size=(10, 10),  # C5 is stride 32: 10 x 10 at 320 px
         notes=f"MobileDet-{arch.upper()} backbone (endpoints C1..C5 via features_only); no ImageNet weights exist.",
-        **_COMMON,
+        **{k: v for k, v in _COMMON.items() if k != "pool_size"},
     )
 
 
@@ -815,6 +812,10 @@ default_cfgs = {
     **{f"mobiledet_{a}": _backbone_cfg(a) for a in ARCH_SPECS},
     **{f"ssdlite_mobiledet_{a}": _det_cfg(a) for a in ARCH_SPECS},
 }
+
+
+# tests/test_contract.py: a quarter of the width (every block type of each variant is kept)
+small_cfgs = {"mobiledet_*": SmallCfg(dict(multiplier=0.25), img_size=64)}
 
 
 @register_model

@@ -8,9 +8,7 @@ Deploy form: every BatchNorm that precedes a linear layer (NCB ``norm``, NTB ``n
 spatial-reduction norm) is folded into that layer, and every conv+BN pair into the conv. Only the final ``norm``
 (after a residual sum, before pooling) stays, so ``forward_features`` keeps its meaning.
 """
-from __future__ import annotations
-
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ from timm.layers import ClassifierHead, DropPath, trunc_normal_
 from timm.models import checkpoint_seq
 from torch import nn
 
+from zoo.contract import SmallCfg, ZooModel
 from zoo.layers import ConvNorm, bn_affine, fold_bn_into_conv, fold_pre_bn_into_linear
 from zoo.registry import CheckpointSource, ModelCfg, register_model
 
@@ -37,7 +36,7 @@ class PatchEmbed(ConvNorm):
         self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride == 2 else nn.Identity()
 
     def forward(self, x):
-        return super().forward(self.pool(x))
+        return self.act(self.norm(self.conv(self.pool(x))))  # ConvNorm's forward after the pool (no super(): TorchScript)
 
 
 def patch_embed(in_chs: int, out_chs: int, stride: int = 1, deploy: bool = False) -> nn.Module:
@@ -126,9 +125,9 @@ class EMHSA(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.sr_ratio = sr_ratio
         self.area = sr_ratio**2
-        if sr_ratio > 1:
-            self.pool = nn.AvgPool1d(self.area, self.area)
-            self.norm = _identity_if(deploy, nn.BatchNorm1d(dim, eps=NORM_EPS))
+        # Identity when unused, so TorchScript can compile the sr_ratio branch of forward
+        self.pool = nn.AvgPool1d(self.area, self.area) if sr_ratio > 1 else nn.Identity()
+        self.norm = _identity_if(deploy or sr_ratio == 1, nn.BatchNorm1d(dim, eps=NORM_EPS))
 
     def forward(self, x):  # x: (B, N, C)
         B, N, C = x.shape
@@ -208,8 +207,8 @@ class NextStage(nn.Module):
         return self.blocks(x)
 
 
-class NextViT(nn.Module):
-    """Next-ViT backbone + classifier, following timm's model API.
+class NextViT(ZooModel):
+    """Next-ViT backbone + classifier, following timm's model API (:class:`zoo.contract.ZooModel`).
 
     Args:
         depths: blocks per stage.
@@ -221,11 +220,14 @@ class NextViT(nn.Module):
         deploy: build the inference form (BatchNorms folded; load deploy-form weights into it).
     """
 
+    tail_module = "norm"  # forward_features ends with the final BatchNorm (forward_intermediates(norm=True) uses it)
+    tail_is_norm = True
+
     def __init__(
         self,
         depths: Sequence[int] = (3, 4, 10, 3),
         ncb_widths: Sequence[int] = (96, 192, 384, 768),
-        ntb_widths: Sequence[int | None] = (None, 256, 512, 1024),
+        ntb_widths: Sequence[Optional[int]] = (None, 256, 512, 1024),
         ntb_period: int = 5,
         stem_chs: Sequence[int] = (64, 32, 64),
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
@@ -246,6 +248,7 @@ class NextViT(nn.Module):
                 raise ValueError(f"NextViT: {arg} needs {want} values (one per {'stage' if want == 4 else 'stem conv'}), "
                                  f"got {len(val)}: {tuple(val)!r}")
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.deploy = deploy
         self.grad_checkpointing = False
         s = list(stem_chs)
@@ -299,14 +302,6 @@ class NextViT(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, pool_type=global_pool)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -371,6 +366,13 @@ default_cfgs = {
     "nextvit_large.bd_in1k_384": _cfg({"top1": 84.7}, _timm_hub("nextvit_large.bd_in1k_384"), **_R384),
     "nextvit_large.bd_ssld_6m_in1k": _cfg({"top1": 85.4}, _timm_hub("nextvit_large.bd_ssld_6m_in1k")),
     "nextvit_large.bd_ssld_6m_in1k_384": _cfg({"top1": 86.4}, _timm_hub("nextvit_large.bd_ssld_6m_in1k_384"), **_R384),
+}
+
+
+# tests/test_contract.py: every block type (NCB, NTB with spatial reduction) at a fraction of the size
+small_cfgs = {
+    "nextvit_*": SmallCfg(dict(depths=(1, 1, 2, 1), ntb_period=2, stem_chs=(16, 16, 32), ncb_widths=(32, 64, 96, 128),
+                               ntb_widths=(None, 96, 128, 192)), img_size=64),
 }
 
 
