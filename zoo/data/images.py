@@ -118,6 +118,26 @@ def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
     return torch.stack([torch.roll(img, shifts=(dy, dx), dims=(1, 2)) for img, (dy, dx) in zip(x, shifts)])
 
 
+def _posterize_zero_bits_compat() -> None:
+    """timm's RandAugment ``PosterizeIncreasing`` keeps 0 bits at the top magnitude (``rand-m9-mstd0.5-inc1`` reaches
+    it whenever the sampled magnitude clips at 10) and Pillow >= 13 rejects ``posterize(img, 0)``, which older Pillow
+    turned into a black image. Give timm's op table that older meaning (idempotent; ops are looked up when a
+    transform is built)."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment as aa
+
+    def posterize(img, bits_to_keep, **_):
+        if bits_to_keep >= 8:
+            return img
+        if bits_to_keep <= 0:
+            return Image.new(img.mode, img.size)  # every bit dropped: black, as Pillow < 13 returned
+        return ImageOps.posterize(img, bits_to_keep)
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in aa.NAME_TO_OP:
+            aa.NAME_TO_OP[name] = posterize
+
+
 class ImageFolderDataModule(L.LightningDataModule):
     """Real datasets laid out as ``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` (ImageNet style).
 
@@ -172,6 +192,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         from timm.data import create_transform
         from torchvision.datasets import ImageFolder
 
+        _posterize_zero_bits_compat()
         cfg = self._data_config()
         extra = dict(auto_augment=self.auto_augment, re_prob=self.re_prob, color_jitter=self.color_jitter) if train else {}
         return ImageFolder(str(self.root / split), transform=create_transform(**cfg, is_training=train, **extra))
