@@ -638,14 +638,19 @@ def test_download_broken_http_response(server, tmp_path):
     # a "server" that answers with garbage instead of an HTTP status line
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        s.listen(1)
+        s.listen(4)
+        s.settimeout(10)
         port = s.getsockname()[1]
 
-        def answer():
-            conn, _ = s.accept()
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"garbage that is not HTTP\r\n\r\n")
+        def answer():  # every connection (download() first checks that the server is reachable) gets garbage
+            for _ in range(2):
+                try:
+                    conn, _ = s.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(65536)
+                    conn.sendall(b"garbage that is not HTTP\r\n\r\n")
 
         t = threading.Thread(target=answer, daemon=True)
         t.start()
