@@ -5,3 +5,4 @@ import zoo.snn.iir_snn  # noqa: F401
 import zoo.language.lfm2  # noqa: F401
 import zoo.vision.fastvit  # noqa: F401
 import zoo.vision.fmvit  # noqa: F401
+import zoo.vision.mobileclip  # noqa: F401
