@@ -65,6 +65,21 @@ def test_official_and_timm_layouts_load_through_checkpoint_path(tmp_path):
             assert torch.allclose(m(x), expected, atol=1e-5), f
 
 
+def test_official_layout_converts_like_timms_own_converter():
+    """timm.models.nextvit.checkpoint_filter_fn maps an official checkpoint to timm's keys by position (the official
+    file's key order = the model's); ours maps by name. Both must give the same tensors under the same keys."""
+    ref, ours = _timm_pair()
+    official = _official_layout(ref.state_dict())
+    assert "features.0.mlp.conv1.weight" in official and "proj_head.0.weight" in official
+    from zoo.vision.nextvit import checkpoint_filter_fn
+
+    converted = checkpoint_filter_fn(official, ours)
+    timm_converted = timm.models.nextvit.checkpoint_filter_fn(official, ref)
+    assert list(timm_converted) == list(ref.state_dict())
+    assert set(converted) == set(timm_converted)
+    assert all(converted[k] is timm_converted[k] for k in converted)
+
+
 def test_wrong_checkpoint_reports_keys(tmp_path):
     ref, _ = _timm_pair()
     sd = ref.state_dict()
@@ -136,10 +151,36 @@ def test_timm_model_api(tiny_nextvit_args):
     m.reset_classifier(0, "")
     assert m(x).shape == (2, m.num_features, 2, 2)
     m.reset_classifier(5, "avg")
-    with torch.no_grad():
-        ref = m(x)
-        m.set_grad_checkpointing(True)
-        assert torch.allclose(m(x), ref, atol=1e-6)
+    assert m(x).shape == (2, 5)
+
+
+def _loss_and_grads(m, x):
+    torch.manual_seed(1)  # the same drop-path masks in both runs (checkpointing must replay them in the recompute)
+    m.zero_grad()
+    loss = m(x).square().mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def test_grad_checkpointing_gives_the_same_gradients(tiny_nextvit_args):
+    """Checkpointing changes nothing in the forward; what it must keep is the backward: same gradients, with the
+    blocks really recomputed (each checkpointed block runs twice per forward + backward)."""
+    torch.manual_seed(0)
+    m = randomize_batchnorms(zoo.create_model("nextvit_small", num_classes=5, **tiny_nextvit_args)).train()
+    x = torch.randn(2, 3, 64, 64)
+    calls, blk = [], m.stages[2].blocks[1]  # an NTB (attention) block
+    plain_forward = blk.forward
+    blk.forward = lambda *a: calls.append(1) or plain_forward(*a)  # counts recomputation too (hooks do not fire there)
+    loss, ref = _loss_and_grads(m, x)
+    assert len(calls) == 1
+    m.set_grad_checkpointing(True)
+    calls.clear()
+    loss_ckpt, got = _loss_and_grads(m, x)
+    assert len(calls) == 2, "set_grad_checkpointing(True) did not checkpoint the blocks"
+    assert torch.equal(loss, loss_ckpt)
+    assert got.keys() == ref.keys() and sum(bool(g.abs().sum() > 0) for g in ref.values()) > 0.9 * len(ref)
+    for n in ref:
+        assert torch.allclose(got[n], ref[n], rtol=1e-5, atol=1e-7), n
 
 
 def test_backward_reaches_every_parameter(tiny_nextvit_args):
