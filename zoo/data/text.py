@@ -328,10 +328,10 @@ class TextDataModule(L.LightningDataModule):
 
     def _save_tokenizer_with_run(self) -> None:
         trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero or trainer.logger is None:
+        if trainer is None or trainer.logger is None:
             return  # no logger, no run folder to keep it in (exports still carry tokenizer.json)
-        out = trainer.log_dir
-        if out:
+        out = trainer.log_dir  # a broadcast under DDP/FSDP: every rank must ask
+        if out and trainer.is_global_zero:
             Path(out).mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(str(Path(out) / "tokenizer.json"))
 

@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"zoo generate: no tokenizer at {tok_file}; pass --tokenizer PATH/tokenizer.json")
     tokenizer = Tokenizer.from_file(str(tok_file))
     model = load_pretrained(folder, dtype=getattr(torch, args.dtype))
+    model.tokenizer = tokenizer  # what model.save_pretrained() would write next to the weights
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise SystemExit("zoo generate: the prompt encodes to no tokens")

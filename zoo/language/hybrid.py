@@ -1116,6 +1116,32 @@ class HybridLM(nn.Module):
         return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
+def save_tokenizer(tokenizer, folder: str | os.PathLike, special_ids: dict[str, int | None] | None = None) -> str:
+    """Write ``tokenizer`` next to a saved model so the folder is self-contained: ``tokenizer.json`` (for
+    ``zoo generate`` and the ``tokenizers`` library) plus, when transformers is installed, ``tokenizer_config.json``
+    so ``AutoTokenizer`` / ``pipeline("text-generation", model=folder)`` load it. ``special_ids`` (``pad_token_id``,
+    ``bos_token_id``, ``eos_token_id``: the model config's) name its special tokens. A transformers tokenizer is saved
+    with its own ``save_pretrained``."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    if hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
+        return folder
+    try:
+        from transformers import PreTrainedTokenizerFast
+    except ImportError:  # pragma: no cover - the lm extra is not installed: tokenizer.json only
+        tokenizer.save(os.path.join(folder, "tokenizer.json"))
+        return folder
+    names = {}
+    for key, tid in (special_ids or {}).items():
+        tok = tokenizer.id_to_token(tid) if tid is not None else None
+        if tok is not None:
+            names[key.replace("_id", "")] = tok
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, **names).save_pretrained(folder)
+    return folder
+
+
+
 # ---------------------------------------------------------------------------------------------- transformers classes
 
 

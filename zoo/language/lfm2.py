@@ -185,16 +185,31 @@ class Lfm2LM(HybridLM):
         super().__init__(config)
 
     # --------------------------------------------------------------------------------- HF-layout save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, model_type: str = "lfm2") -> Path:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        model_type: str = "lfm2",
+        state_dict: Mapping[str, torch.Tensor] | None = None,
+        tokenizer: Any = None,
+    ) -> Path:
         """Write ``config.json`` + ``model.safetensors`` in transformers' LFM2 layout (loadable by
-        ``transformers.Lfm2ForCausalLM``, ``ZooLfm2ForCausalLM`` and :func:`load_pretrained`)."""
+        ``transformers.Lfm2ForCausalLM``, ``ZooLfm2ForCausalLM`` and :func:`load_pretrained`), plus the tokenizer --
+        ``tokenizer`` or the one :func:`load_pretrained` attached as ``model.tokenizer`` -- so the folder serves
+        ``zoo generate`` and ``transformers.pipeline("text-generation", model=folder)`` alone. ``state_dict`` replaces
+        the model's own (e.g. a full state dict gathered from FSDP shards)."""
         from zoo.checkpoints import save_file
+        from zoo.language.hybrid import save_tokenizer
 
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(lfm2_config_dict(self.config, model_type), indent=2) + "\n")
-        sd = {k: v for k, v in self.state_dict().items()}
+        sd = dict(self.state_dict() if state_dict is None else state_dict)
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+        tokenizer = tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            c = self.config
+            save_tokenizer(tokenizer, out, {"pad_token_id": c.pad_token_id, "bos_token_id": c.bos_token_id,
+                                            "eos_token_id": c.eos_token_id})
         return out
 
     @classmethod
@@ -251,7 +266,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 def load_pretrained(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu", **overrides: Any
 ) -> Lfm2LM:
-    """Build an :class:`Lfm2LM` from a Hugging Face LFM2 folder (config.json + *.safetensors) in eval mode.
+    """Build an :class:`Lfm2LM` from a Hugging Face LFM2 folder (config.json + *.safetensors) in eval mode; a
+    ``tokenizer.json`` next to the weights is attached as ``model.tokenizer`` (a ``tokenizers.Tokenizer``).
 
     The model is created on the ``meta`` device and the checkpoint tensors are assigned to it (cast to ``dtype``,
     default fp32), so loading never holds a second copy of the weights. ``overrides`` change config values
@@ -275,6 +291,14 @@ def load_pretrained(
                 sd[k] = fh.get_tensor(k)
     sd = checkpoint_filter_fn(sd, model)
     load_weights(model, sd, context=f"lfm2 <- {path}", assign=True)
+    tok_file = (path if path.is_dir() else path.parent) / "tokenizer.json"
+    if tok_file.exists():  # kept with the model, so save_pretrained writes a self-contained folder again
+        try:
+            from tokenizers import Tokenizer
+
+            model.tokenizer = Tokenizer.from_file(str(tok_file))
+        except ImportError:  # pragma: no cover - the lm extra is not installed
+            pass
     return model.eval()
 
 

@@ -112,7 +112,11 @@ class CausalLM(L.LightningModule):
         distill_args: kwargs for the teacher (zoo overrides, ``checkpoint_path``, or ``from_pretrained`` kwargs).
         distill_topk / distill_temperature / distill_alpha: the decoupled top-K loss (K, tau, weight).
         export_dir: at the end of fit write the trained model in the HF LFM2 layout (config.json, model.safetensors,
-            tokenizer.json) here; default ``<log_dir>/hf``; ``""`` disables.
+            and the DataModule's tokenizer for transformers and ``zoo generate``) here; default ``<log_dir>/hf``;
+            ``""`` disables.
+        fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2, see ``recipes/lfm2/fsdp_1_2b.yaml``) the dtype the
+            sharded parameters are gathered in for compute (e.g. ``bfloat16``; gradients are reduced in fp32);
+            ``None`` computes in the parameters' dtype.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class CausalLM(L.LightningModule):
         distill_temperature: float = 1.0,
         distill_alpha: float = 0.5,
         export_dir: str | None = None,
+        fsdp_param_dtype: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -185,6 +190,44 @@ class CausalLM(L.LightningModule):
     def configure_model(self) -> None:  # called after setup(); keeps the teacher on the student's device
         if self.teacher is not None:
             self.teacher.to(self.device)
+        mesh = self._fsdp_mesh()
+        if mesh is not None and self.model is not None and not getattr(self, "_sharded", False):
+            self._shard(mesh)
+
+    # ------------------------------------------------------------------------------------------ FSDP
+    def _fsdp_mesh(self):
+        """The data-parallel device mesh under Lightning's ``ModelParallelStrategy`` (FSDP2), else None."""
+        if self._trainer is None:
+            return None
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return None
+        mesh = self.device_mesh
+        if mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "CausalLM shards with FSDP only (the hybrid LMs declare no tensor-parallel plan): set "
+                "trainer.strategy.init_args.tensor_parallel_size=1"
+            )
+        return mesh["data_parallel"]
+
+    def _shard(self, mesh) -> None:
+        """FSDP2: every decoder layer is its own shard group, the root holds the (tied) embedding and final norm."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        kw: dict[str, Any] = {"mesh": mesh}
+        if self.hparams.fsdp_param_dtype:
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=getattr(torch, self.hparams.fsdp_param_dtype),
+                                                   reduce_dtype=torch.float32)
+        net = getattr(self.model, "_orig_mod", self.model)
+        layers = getattr(getattr(net, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"FSDP sharding needs a zoo LM with model.layers, got {type(net).__name__}")
+        for layer in layers:
+            fully_shard(layer, **kw)
+        fully_shard(net, **kw)
+        self._sharded = True
+        rank_zero_info(f"FSDP: {len(layers)} decoder layers + root sharded over {mesh.size()} data-parallel ranks")
 
     # ------------------------------------------------------------------------------------------ steps
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -260,18 +303,23 @@ class CausalLM(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ export
     def on_fit_end(self) -> None:
-        if self.hparams.export_dir == "" or not self.trainer.is_global_zero or self.trainer.fast_dev_run:
+        if self.hparams.export_dir == "" or self.trainer.fast_dev_run:
             return
         net = getattr(self.model, "_orig_mod", self.model)
         if not hasattr(net, "save_pretrained"):
             return
+        state = None
+        if any(type(p).__name__ == "DTensor" for p in net.parameters()):  # FSDP: gather on every rank (collective)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # trainer.log_dir is a broadcast under DDP/FSDP: every rank asks before rank 0 writes alone
         out = Path(self.hparams.export_dir or Path(self.trainer.log_dir or self.trainer.default_root_dir) / "hf")
+        if not self.trainer.is_global_zero:
+            return
         training = net.training
-        net.save_pretrained(out)
+        net.save_pretrained(out, state_dict=state, tokenizer=getattr(self.trainer.datamodule, "tokenizer", None))
         net.train(training)
-        tok = getattr(self.trainer.datamodule, "tokenizer", None)
-        if tok is not None:
-            tok.save(str(out / "tokenizer.json"))
         rank_zero_info(f"exported {type(net).__name__} to {out} (zoo generate {out} --prompt ...)")
 
     # ------------------------------------------------------------------------------------------ optimization
