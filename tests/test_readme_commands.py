@@ -5,7 +5,7 @@ lines and `zoo ...` in backticks), so a command added to the docs is tested with
 run through the real `zoo` entry point, in-process, from a scratch working directory:
 
 - the quickstart flow (fit, test, predict, export of its output) and training on an image folder run for real with
-  tiny settings appended (2 updates, 1 validation batch);
+  tiny settings appended (one epoch of 2 updates, 1 validation batch);
 - other recipe runs get ``--print_config`` (their data is not here, or a full run takes minutes; every recipe also
   trains two batches on stand-in data in tests/test_recipes.py);
 - `zoo download` runs offline and must fail at once with its clear message; long tools (`zoo snn pipeline`,
@@ -36,7 +36,8 @@ PROGRAMS = ("zoo", "python", "make", "pip", "torchrun", "srun", "git", "mkdir", 
 # Shell steps that prepare something outside the project (a clone, a downloaded dataset): shown, not run.
 NOT_RUN = ("git", "mkdir", "cd", "tar", "for")
 
-TINY_FIT = ["--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
+# one short epoch (2 updates) that ends with a validation, so `--ckpt_path best` has a best checkpoint to find
+TINY_FIT = ["--trainer.limit_train_batches=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1",
             "--trainer.num_sanity_val_steps=0", "--trainer.enable_progress_bar=false",
             "--data.init_args.num_workers=0"]
 TINY_EVAL = ["--trainer.limit_test_batches=1", "--trainer.limit_predict_batches=1",
