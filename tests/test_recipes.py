@@ -69,6 +69,16 @@ TINY_DATA_RULES = {
 }
 
 
+# model_name -> CLI overrides that shrink models too big to step on this machine (the FSDP recipe of LFM2-1.2B/2.6B;
+# it runs as written, sharded over 2 CPU processes, in tests/language/test_lm_fsdp.py)
+TINY_MODEL_RULES = {
+    name: ["--model.init_args.model_args={hidden_size: 64, layer_types: [conv, full_attention], num_attention_heads: 4, "
+           "num_key_value_heads: 2, intermediate_size: 128, block_auto_adjust_ff_dim: false}",
+           "--model.init_args.fsdp_param_dtype=null"]
+    for name in ("lfm2_1_2b", "lfm2_2_6b")
+}
+
+
 def _is_lightning_recipe(cfg: dict) -> bool:
     return isinstance(cfg, dict) and ("model" in cfg or "trainer" in cfg)
 
@@ -90,6 +100,7 @@ def test_recipe_runs_two_batches(recipe, tmp_path, monkeypatch):
     data_cls = cfg.get("data", {}).get("class_path")
     assert data_cls in TINY_DATA_RULES, f"no tiny-data rule for {data_cls} (recipe {recipe}); add one above"
     monkeypatch.chdir(tmp_path)
-    cli = run_lightning_cli(["fit", "-c", str(recipe), *CPU, *TINY_DATA_RULES[data_cls](tmp_path)])
+    model_rule = TINY_MODEL_RULES.get(cfg.get("model", {}).get("init_args", {}).get("model_name"), [])
+    cli = run_lightning_cli(["fit", "-c", str(recipe), *CPU, *TINY_DATA_RULES[data_cls](tmp_path), *model_rule])
     assert cli.trainer.state.finished, f"{recipe} did not finish"
     assert cli.trainer.global_step == 2
