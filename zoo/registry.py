@@ -65,6 +65,10 @@ PINNED_SHA256: dict[str, str] = {
     # https://huggingface.co/timm/fastvit_sa24.apple_dist_in1k/blob/main/model.safetensors (commit 6234320)
     "hf://timm/fastvit_sa24.apple_dist_in1k/model.safetensors":
         "c38594c380a5542da9e6ac3c36af95ab180d54e8982c822c677e452e03217a10",
+    # https://huggingface.co/timm/fastvit_t8.apple_dist_in1k/blob/refs%2Fpr%2F1/model.safetensors (commit 6970f66,
+    # "Add model"; main's tree lists model.safetensors as last changed by that same commit)
+    "hf://timm/fastvit_t8.apple_dist_in1k/model.safetensors":
+        "9e31da81a225d20bc9e326baf1cc88ccc0e68fe2c43ea0154a870c409747f6aa",
 }
 
 
