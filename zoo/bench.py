@@ -424,6 +424,17 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+def reported_only(name: str) -> bool:
+    """True for a registered model whose top-1 is the paper's report, not released weights' (no tag has weights)."""
+    from zoo.registry import UnknownModelError, get_entry
+
+    try:
+        entry = get_entry(name)
+    except UnknownModelError:
+        return False
+    return not any(c.has_weights for c in entry.tags.values())
+
+
 def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> Path:
     """Median latency (x) against published ImageNet top-1 (y), one series per runtime, with its Pareto front."""
     import matplotlib
@@ -441,9 +452,17 @@ def plot_pareto(rows: Sequence[dict[str, Any]], path: str | os.PathLike, title: 
     for i, rt in enumerate(dict.fromkeys(r["runtime"] for r in usable)):
         pts = [(r["median_ms"], r["top1"], r["model"]) for r in usable if r["runtime"] == rt]
         color = f"C{i}"
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, label=rt, zorder=3)
-        for lat, acc, name in pts:
-            ax.annotate(name, (lat, acc), textcoords="offset points", xytext=(4, 3), fontsize=7, color=color)
+        # accuracy only reported by a paper whose weights we do not have (e.g. a reconstruction): hollow, labelled
+        rep = [reported_only(p[2]) for p in pts]
+        for hollow in (False, True):
+            sel = [p for p, h in zip(pts, rep) if h == hollow]
+            if sel:
+                style = dict(facecolors="none", edgecolors=color) if hollow else dict(color=color)
+                label = f"{rt} (reported top-1, no weights)" if hollow else rt
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], zorder=3, label=label, **style)
+        for (lat, acc, name), hollow in zip(pts, rep):
+            ax.annotate(name + (" (reported)" if hollow else ""), (lat, acc), textcoords="offset points", xytext=(4, 3),
+                        fontsize=7, color=color)
         front = pareto_front([(p[0], p[1]) for p in pts])
         if len(front) > 1:
             ax.step([p[0] for p in front], [p[1] for p in front], where="post", color=color, alpha=0.5, lw=1)

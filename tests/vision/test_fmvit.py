@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import zoo
+import zoo.registry
 from tests.conftest import randomize_batchnorms
 from zoo.bench import count_gmacs, count_params
 from zoo.deploy import count_foldable_batchnorms, export, onnx_parity, reparameterize
@@ -27,6 +28,11 @@ def test_params_and_gmacs_within_5pct_of_reported(name):
     p, g = count_params(d) / 1e6, count_gmacs(d, x)
     assert abs(p / params_m - 1) <= 0.05, f"{name}: {p:.3f} M params vs reported {params_m} M"
     assert abs(g / gflops - 1) <= 0.05, f"{name}: {g:.3f} GMACs vs reported {gflops} G"
+    # the figures `zoo info` prints (the config notes) are these measurements
+    from zoo.vision.fmvit import MEASURED
+
+    assert MEASURED[name] == (round(p, 2), round(g, 2))
+    assert f"{p:.2f} M params, {g:.2f} GMACs measured" in zoo.registry.resolve_cfg(name)[2].notes
     # building the deploy form directly and folding the training form give the same tensors
     assert {k: v.shape for k, v in d.state_dict().items()} == {k: v.shape for k, v in folded.state_dict().items()}
 
@@ -145,3 +151,14 @@ def test_config_records_every_choice():
     assert m.arch.stem_strides == (2, 1, 1, 2) and m.arch.attn_width(3) == 768
     with pytest.raises(TypeError, match="no_such_choice"):
         zoo.create_model("fmvit_tiny", no_such_choice=1)
+
+
+def test_pareto_plot_marks_reported_accuracy(tmp_path):
+    from zoo import bench
+
+    assert bench.reported_only("fmvit_large") and not bench.reported_only("nextvit_small")
+    assert not bench.reported_only("not_a_registered_model")
+    rows = [dict(model=m, runtime="onnxruntime", median_ms=ms, top1=bench.published_top1(m), batch_size=1, threads=2)
+            for m, ms in (("fmvit_large", 60.0), ("fmvit_tiny", 5.0), ("nextvit_small", 70.0))]
+    assert [r["top1"] for r in rows] == [83.3, 72.9, 82.5]
+    assert bench.plot_pareto(rows, tmp_path / "p.png").stat().st_size > 0

@@ -37,6 +37,7 @@ from timm.layers import DropPath, SelectAdaptivePool2d, make_divisible, trunc_no
 from timm.models import checkpoint_seq
 from torch import nn
 
+from zoo.contract import SmallCfg, ZooModel
 from zoo.layers import ConvNorm, bn_affine, fold_bn_into_conv, fold_pre_bn_into_linear
 from zoo.registry import ModelCfg, register_model
 from zoo.vision.fastvit import MobileOneBlock  # FastViT's public reparameterizable 3-branch conv
@@ -460,7 +461,7 @@ class NormClassifierHead(nn.Module):
         self.norm = nn.Identity() if deploy else nn.BatchNorm2d(dim)
         self.register_buffer("pre_scale", torch.ones(dim), persistent=deploy)
         self.register_buffer("pre_shift", torch.zeros(dim), persistent=deploy)
-        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         self.drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self.affine_in_fc = deploy and self._can_fold()
@@ -484,7 +485,7 @@ class NormClassifierHead(nn.Module):
 
     def reset(self, num_classes: int, pool_type: Optional[str] = None) -> None:
         if pool_type is not None:
-            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=True)
+            self.global_pool = SelectAdaptivePool2d(pool_type=pool_type, flatten=bool(pool_type))
         ref = self.pre_scale
         self.fc = nn.Linear(self.dim, num_classes, device=ref.device, dtype=ref.dtype) if num_classes > 0 else nn.Identity()
         if self.deployed:
@@ -509,8 +510,8 @@ class NormClassifierHead(nn.Module):
 # -------------------------------------------------------------------------------------------------- model
 
 
-class FMViT(nn.Module):
-    """FMViT reconstruction, following timm's model API.
+class FMViT(ZooModel):
+    """FMViT reconstruction with timm's model API (``zoo.contract.ZooModel``: intermediates, pruning, head reset).
 
     Args:
         cfg: the architecture (:class:`FMViTConfig`); keyword ``**arch`` overrides replace its fields.
@@ -566,7 +567,11 @@ class FMViT(nn.Module):
 
     @staticmethod
     def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        # [P] convs keep PyTorch's default (Kaiming-uniform) init, as MobileOne / FastViT; Linear layers get
+        # trunc_normal(0.02). Next-ViT's trunc_normal(0.02) on every conv makes the weights so small that Adam's early
+        # steps change them by ~10 % each, and the BN running statistics (of many parallel branches) lag far behind
+        # the batch statistics: eval accuracy stays at chance for several epochs on short schedules.
+        if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -582,14 +587,6 @@ class FMViT(nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
-        self.num_classes = num_classes
-        self.head.reset(num_classes, global_pool)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
         return self.stages(x)
@@ -599,39 +596,6 @@ class FMViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    @torch.jit.ignore
-    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
-                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
-                              intermediates_only: bool = False):
-        """timm's API: the maps after the stages in ``indices`` (None: all; int n: the last n) and the final features.
-        ``norm`` has no effect: the only norm is the head's (applied after pooling)."""
-        from timm.models._features import feature_take_indices
-
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt={output_fmt!r}: FMViT feature maps are NCHW only")
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        feats = []
-        x = self.stem(x)
-        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[: max_index + 1]
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take:
-                feats.append(x)
-        if intermediates_only:
-            return feats
-        return x, feats
-
-    @torch.jit.ignore
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True):
-        from timm.models._features import feature_take_indices
-
-        take, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_head:
-            self.reset_classifier(0, "")
-        return take
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -644,19 +608,38 @@ class FMViT(nn.Module):
 
 # -------------------------------------------------------------------------------------------- registration
 
-_NOTE = ("Reconstruction (no official code or weights exist): architecture is the project's design sized to the "
-         "paper's params/FLOPs; metrics are the paper's reported values for its own unreleased model, not ours.")
+# Measured here (deploy form, 224 px, tests/vision/test_fmvit.py asserts these): params (M), GMACs.
+MEASURED = {
+    "fmvit_tiny": (1.98, 0.29),
+    "fmvit_small": (6.63, 0.82),
+    "fmvit_medium": (12.32, 2.00),
+    "fmvit_base": (23.63, 4.22),
+    "fmvit_large": (35.43, 7.14),
+}
 
 
 def _cfg(name: str) -> ModelCfg:
     params, gflops, top1 = TARGETS[name]
+    mp, mg = MEASURED[name]
+    notes = (
+        f"RECONSTRUCTION: no official code or weights exist; the architecture is this project's design sized to the "
+        f"paper's table. Deploy form at 224 px: {mp:.2f} M params, {mg:.2f} GMACs measured; {params} M, {gflops} G "
+        f"reported. top1 is the paper's reported value for its own unreleased model, not a result of this code."
+    )
     return ModelCfg(
         family="fmvit", paper="2311.05707", license="n/a (no weights)", crop_pct=0.95, interpolation="bicubic",
-        first_conv="stem.0.conv_kxk.0.conv", classifier="head.fc", metrics={"top1": top1}, notes=_NOTE,
+        first_conv="stem.0.conv_kxk.0.conv", classifier="head.fc", metrics={"top1": top1}, notes=notes,
     )
 
 
 default_cfgs = {name: _cfg(name) for name in TARGETS}
+
+# tests/test_contract.py: every block kind (MobileOne stem, CFB with stride 2 and channel change, FMB with K/V reduction
+# sr 4 / 2 and without at sr 1) at one shared small size, so the five sizes share the TorchScript / FX checks.
+small_cfgs = {
+    "fmvit_*": SmallCfg(dict(layouts=("C", "F", "CF", "F"), cfb_widths=(32, 32, 64, 64), fmb_widths=(None, 96, 96, 128),
+                             stem_chs=(16, 32), stem_strides=(2, 2), cfb_mlp_ratio=2.0, drop_path_rate=0.0), img_size=64),
+}
 
 
 def _create(size: str, kwargs: dict) -> FMViT:
