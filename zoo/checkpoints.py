@@ -189,13 +189,14 @@ def _download_url(url: str, dest: Path, source: CheckpointSource, progress: bool
 
 
 def _hub_download(source: CheckpointSource, cache_dir, dest: Path) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     kw = dict(cache_dir=cache_dir, library_name="pareto-zoo")
-    try:  # the hub cache first, without touching the network (released files do not change under a tag)
-        return Path(hf_hub_download(source.hf_hub_id, _hf_filename(source), local_files_only=True, **kw))
-    except Exception:  # noqa: BLE001 - not cached (LocalEntryNotFoundError) or an unreadable cache entry
-        pass
+    # The hub cache first, as a plain file lookup: no request at all (hf_hub_download, even with
+    # local_files_only=True, builds HTTP headers, which may query the endpoint). Released files do not change.
+    cached = try_to_load_from_cache(source.hf_hub_id, _hf_filename(source), cache_dir=cache_dir)
+    if isinstance(cached, str) and Path(cached).is_file():
+        return Path(cached)
     _check_online(source, dest)
     try:
         return Path(hf_hub_download(source.hf_hub_id, _hf_filename(source), **kw))
