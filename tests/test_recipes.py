@@ -60,8 +60,25 @@ def _detection_args(tmp: Path) -> list[str]:
             "--data.init_args.num_workers=0"]
 
 
+def _segmentation_args(layout: str):
+    """ADE20K / Cityscapes layouts filled with a few generated scenes, read back through the real folder code."""
+    def rule(tmp: Path) -> list[str]:
+        from zoo.data.segmentation import write_scenes
+
+        root = write_scenes(tmp / layout, layout, {"train": 4, "val": 2}, height=48, width=64)
+        return [f"--data.init_args.root={root}", "--data.init_args.crop_size=[48, 48]", "--data.init_args.eval_size=null",
+                "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+    return rule
+
+
 # data class_path -> function(tmp_path) returning CLI overrides that make the recipe run on tiny local data.
 TINY_DATA_RULES = {
+    "zoo.data.segmentation.GeneratedScenes": lambda tmp: [
+        "--data.init_args.counts={train: 4, val: 2, test: 2}", "--data.init_args.height=48",
+        "--data.init_args.width=48", "--data.init_args.crop_size=[48, 48]", "--data.init_args.batch_size=2",
+        "--data.init_args.eval_batch_size=2"],
+    "zoo.data.segmentation.ADE20K": _segmentation_args("ade20k"),
+    "zoo.data.segmentation.Cityscapes": _segmentation_args("cityscapes"),
     "zoo.data.DigitsDataModule": lambda tmp: ["--data.init_args.batch_size=8"],
     "zoo.data.ImageFolderDataModule": _image_folder_args,
     "zoo.data.text.TextDataModule": _text_args,

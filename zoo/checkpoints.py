@@ -14,6 +14,7 @@ import hashlib
 import http.client
 import logging
 import os
+import pickle
 import pickletools
 import socket
 import tempfile
@@ -260,10 +261,90 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             return st_load(str(path), device="cpu")
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if path.suffix == ".pdparams":
+        return load_paddle_pickle(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, IndexError, ... on bad files
         raise _load_error(path, e) from e
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts / lists / tuples of numpy arrays and nothing else: any other global is refused before it is
+    looked up, so no code from the file runs (numpy's array and dtype constructors are the only callables)."""
+
+    _ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict"), ("builtins", "tuple"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("_codecs", "encode"),  # protocol 2 stores array bytes as latin-1 text
+    }
+    path: Path = Path()
+
+    def find_class(self, module: str, name: str):
+        import collections
+
+        import numpy as np
+
+        if (module, name) not in self._ALLOWED:
+            raise UnsafeCheckpointError(
+                f"refused to load {self.path}: it references {module}.{name}; only numpy arrays, dicts, lists and "
+                f"tuples are read from Paddle checkpoints. Nothing from it was executed.")
+        if name == "_reconstruct":
+            def reconstruct(cls, shape, dtype):
+                if cls is not np.ndarray:
+                    raise UnsafeCheckpointError(f"refused to load {self.path}: array subclass {cls!r}")
+                return np.ndarray.__new__(cls, shape, dtype)
+
+            return reconstruct
+        if name == "encode":
+            def encode(text, encoding="utf-8"):
+                if not isinstance(text, str) or encoding != "latin1":
+                    raise UnsafeCheckpointError(f"refused to load {self.path}: unexpected _codecs.encode call")
+                return text.encode("latin1")
+
+            return encode
+        return {"ndarray": np.ndarray, "dtype": np.dtype, "OrderedDict": collections.OrderedDict, "tuple": tuple}[name]
+
+
+def load_paddle_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a Paddle ``.pdparams`` file (``paddle.save`` of a state dict: a pickle of numpy arrays) without Paddle
+    and without running pickled code. Returns ``{name: tensor}`` (nested dicts flattened with dots); Paddle's
+    ``StructuredToParameterName@@`` table is dropped and Paddle 2.1's ``(name, array)`` tuples are unwrapped. Names
+    and layouts stay Paddle's (``_mean`` / ``_variance``, Linear weights as (in, out)): family converters map them."""
+    import numpy as np
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        up = _NumpyOnlyUnpickler(f, encoding="latin1")
+        up.path = path
+        try:
+            obj = up.load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / not a pickle
+            raise CheckpointError(f"{path} is not a readable Paddle checkpoint: {e}") from e
+
+    def walk(d: Mapping, prefix: str = "") -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for k, v in d.items():
+            if k == "StructuredToParameterName@@":
+                continue
+            if isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str) and isinstance(v[1], np.ndarray):
+                v = v[1]
+            if isinstance(v, np.ndarray):
+                if v.dtype == object:
+                    raise UnsafeCheckpointError(f"refused to load {path}: {prefix}{k} is an object array")
+                out[f"{prefix}{k}"] = torch.from_numpy(np.ascontiguousarray(v))
+            elif isinstance(v, Mapping):
+                out.update(walk(v, f"{prefix}{k}."))
+        return out
+
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a Paddle state dict")
+    sd = walk(obj)
+    if not sd:
+        raise CheckpointError(f"{path} holds no arrays (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
+    return sd
 
 
 # Opcodes that import or call something while unpickling; a torch checkpoint's only such targets are torch's tensor

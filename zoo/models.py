@@ -6,3 +6,4 @@ import zoo.language.lfm2  # noqa: F401
 import zoo.vision.fastvit  # noqa: F401
 import zoo.vision.fmvit  # noqa: F401
 import zoo.vision.mobileclip  # noqa: F401
+import zoo.vision.pp_mobileseg  # noqa: F401
