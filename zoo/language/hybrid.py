@@ -896,11 +896,14 @@ def build_context(
         else:
             key_mask = new_mask
         if not exporting:
-            if cache is not None and not bool(new_mask[:, -1].all()):
+            last = new_mask[:, -1]
+            if cache is not None and bool(last.any()) and not bool(last.all()):
+                # some rows would continue after their padding, others not: a right-padded batch
                 raise ValueError(
-                    "attention_mask ends in padding while decoding with a cache: hybrid (recurrent-state) models "
-                    "continue from each row's last token, so pad prompts on the LEFT (tokenizer.padding_side = "
-                    "'left'). Right padding is fine for training / scoring forwards without a cache."
+                    "attention_mask ends in padding in some rows while decoding with a cache: hybrid "
+                    "(recurrent-state) models continue every row from its last position, so pad prompts on the "
+                    "LEFT (tokenizer.padding_side = 'left'). Right padding is fine for training / scoring forwards "
+                    "without a cache."
                 )
             if bool(key_mask.all()):
                 new_mask = key_mask = None
