@@ -1,0 +1,111 @@
+"""CLIP task: losses against open_clip's, retrieval recall, the reinforce step's DataCompDR shards and their replay,
+zero-shot ImageFolder evaluation and a real Lightning fit/test."""
+from __future__ import annotations
+
+import tarfile
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import zoo
+from zoo.data import clip_data as cd
+from zoo.tasks.clip import CLIPTask, clip_loss, distill_loss, retrieval_recall
+
+TINY = dict(embed_dim=32, dynamic_img_size=True, image_args=dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64)),
+            text_args=dict(width=32, heads=2, layers=1))
+
+
+def _feats(n=6, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [F.normalize(torch.randn(n, d, generator=g), dim=-1) for _ in range(4)]
+
+
+def test_losses_match_open_clip():
+    loss_mod = pytest.importorskip("open_clip.loss")
+    img, txt, t_img, t_txt = _feats()
+    scale = torch.tensor(20.0)
+    assert clip_loss(img, txt, scale).item() == pytest.approx(loss_mod.ClipLoss()(img, txt, scale).item(), rel=1e-6)
+    _, ref = loss_mod.DistillClipLoss()(img, txt, scale, t_img, t_txt, torch.tensor(100.0))
+    assert distill_loss(img, txt, scale, t_img, t_txt, [100.0]).item() == pytest.approx(ref.item(), rel=1e-5)
+    # two teachers: targets averaged after the softmax
+    two = distill_loss(img, txt, scale, torch.cat([t_img, img], -1), torch.cat([t_txt, txt], -1), [100.0, 50.0])
+    p = 0.5 * ((100 * t_img @ t_txt.t()).softmax(-1) + (50 * img @ txt.t()).softmax(-1))
+    q = 0.5 * ((100 * t_img @ t_txt.t()).t().softmax(-1) + (50 * img @ txt.t()).t().softmax(-1))
+    s = scale * img @ txt.t()
+    want = 0.5 * (-(p * s.log_softmax(-1)).sum(-1).mean() - (q * s.t().log_softmax(-1)).sum(-1).mean())
+    assert two.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_retrieval_recall():
+    img = torch.eye(4)
+    txt = torch.eye(4)[[0, 1, 3, 2]]  # pairs 2 and 3 swapped
+    r = retrieval_recall(img, txt, ks=(1, 2))
+    assert r["i2t_r1"] == 0.5 and r["t2i_r1"] == 0.5 and r["i2t_r2"] == 1.0  # the right caption ranks second
+    assert retrieval_recall(img, img)["i2t_r1"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    torch.manual_seed(0)
+    teacher = zoo.create_model("mobileclip2_s0", **TINY).eval()
+    img, lab = cd.digits_split()["train"]
+    out = tmp_path_factory.mktemp("dr")
+    paths = cd.reinforce([teacher, teacher], img[:24], lab[:24], out, num_augs=3, shard_size=16)
+    return out, paths, teacher
+
+
+def test_reinforce_writes_datacompdr_layout_and_replays(shards):
+    out, paths, teacher = shards
+    assert [p.name for p in paths] == ["shard-00000.tar", "shard-00001.tar"] and not list(out.glob(".*part"))
+    with tarfile.open(paths[0]) as tar:
+        fields = sorted(n.split(".", 1)[1] for n in tar.getnames() if n.startswith("00000000."))
+    assert fields == ["json", "npz", "paug.json", "png", "syn.json", "url.txt"]
+    samples = cd.read_shards(paths)
+    s = samples[0]
+    assert len(samples) == 24 and len(s["paug"]) == 3 and len(s["syn"]) == 5
+    assert s["image_emb"].shape == (3, 64) and s["text_emb"].shape == (6, 64)  # 2 teachers x 32, GT + 5 synthetic
+    ds = cd.ReinforcedDataset(samples, zoo.get_tokenizer("mobileclip2_s0"), 32)
+    item = ds[0]
+    with torch.no_grad():  # the replayed augmentation is the view the teacher embedded
+        emb = F.normalize(teacher.encode_image(item["image"][None]), dim=-1)[0]
+    assert any(torch.allclose(emb, torch.from_numpy(e[:32].astype(np.float32)), atol=3e-3) for e in s["image_emb"])
+    assert set(item) == {"image", "text", "syn_text", "image_emb", "text_emb", "syn_text_emb"}
+    with pytest.raises(FileExistsError):
+        cd.reinforce([teacher], np.zeros((1, 8, 8), np.uint8), np.zeros(1, int), out)
+
+
+def test_fit_reinforced_then_zero_shot_and_retrieval(shards, tmp_path):
+    out, _, _ = shards
+    torch.manual_seed(0)
+    task = CLIPTask("mobileclip_s0", model_args=TINY, distill_weight=0.5, teacher_logit_scales=[100.0, 100.0],
+                    warmup_steps=1)
+    dm = cd.ReinforcedDataModule(str(out), model_name="mobileclip_s0", batch_size=8)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=1, default_root_dir=tmp_path)
+    before = task.model.logit_scale.detach().clone()
+    trainer.fit(task, dm)
+    assert task.model.logit_scale.item() != before.item()  # trained
+    res = trainer.test(task, dm, verbose=False)[0]
+    assert {"test/acc", "test/acc_top5", "test/i2t_r1", "test/t2i_r10"} <= set(res)
+    assert 0.0 <= res["test/acc"] <= res["test/acc_top5"] <= 1.0
+
+
+def test_zero_shot_image_folder_and_openai_metadata(tmp_path):
+    from PIL import Image
+
+    names, templates = cd.openai_imagenet_metadata()
+    assert len(names) == 1000 and len(templates) == 80 and all("{}" in t for t in templates)
+    for c in ("tabby_cat", "golden_retriever"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (300, 280), (120, 30, 200)).save(tmp_path / "val" / c / "a.png")
+    dm = cd.ZeroShotImageFolderDataModule(str(tmp_path), "mobileclip_s0", classnames="folders",
+                                          templates=["a photo of a {}."], num_workers=0)
+    dm.setup()
+    assert dm.classnames == ["golden retriever", "tabby cat"]
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (2, 3, 256, 256)
+    with pytest.raises(ValueError, match="1000 ImageNet class folders"):
+        cd.ZeroShotImageFolderDataModule(str(tmp_path), "mobileclip_s0").setup()
