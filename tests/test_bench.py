@@ -83,6 +83,34 @@ def test_bench_models_rows_per_runtime():
         bench.bench_models(["nextvit_small"], runtimes=("tensorrt",))
 
 
+@pytest.fixture
+def compile_without_codegen(monkeypatch):
+    """torch.compile with the ``aot_eager`` backend: Dynamo graph capture and AOTAutograd run for real, Inductor's C++
+    code generation does not. Why: Inductor compiled the 5-block test Next-ViT in 465 s on the shared 2-core machine
+    (load ~16), far beyond the suite's budget; what the zoo code controls (that the compiled module is built, used
+    and traced without errors) is fully exercised by Dynamo + AOTAutograd."""
+    import functools
+
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile (Dynamo) is not supported on this Python / platform")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    yield torch._dynamo.utils.counters
+    torch._dynamo.reset()
+
+
+def test_bench_compile_runtime_runs_a_compiled_model(compile_without_codegen):
+    rows = bench.bench_models(["nextvit_small"], runtimes=("eager", "compile"), image_size=32, threads=1, warmup=1,
+                              iters=2, overrides=SMALL, progress=False, skip_errors=False)
+    assert [r["runtime"] for r in rows] == ["eager", "compile"] and not rows[1]["error"]
+    assert rows[1]["median_ms"] > 0 and rows[1]["iters"] == 2
+    assert compile_without_codegen["stats"]["unique_graphs"] >= 1  # Dynamo really captured the model
+    assert rows[1]["params_m"] < rows[0]["params_m"]  # the deploy form was compiled, not the training form
+
+
 def test_measure_keeps_the_model_and_threads():
     model = zoo.create_model("nextvit_small", **SMALL).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
