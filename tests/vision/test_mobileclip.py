@@ -143,13 +143,6 @@ def test_open_clip_parity_same_weights(name, tmp_path, monkeypatch):
                 assert count_foldable_batchnorms(ours.visual.trunk.stem) == 0
 
 
-def test_logit_scale_is_clamped_like_apple():
-    m = zoo.create_model("mobileclip_s0", image_args=dict(layers=(1, 1, 1, 1)), text_args=dict(layers=1))
-    with torch.no_grad():
-        m.logit_scale.fill_(10.0)
-    assert m.get_logit_scale().item() == 100.0
-
-
 # -------------------------------------------------------------------------------------------------- MCt (S0)
 
 
@@ -281,8 +274,11 @@ def test_tokenizer_matches_open_clip():
 # ------------------------------------------------------------------------------------------------ bad input
 
 
-def test_bad_inputs_name_the_expected_value():
-    m = zoo.create_model("mobileclip_s0", image_args=dict(layers=(1, 1, 1, 1)), text_args=dict(layers=1)).eval()
+def test_bad_inputs_name_the_expected_value_and_logit_scale_clamp():
+    m = zoo.create_model("mobileclip_s0", image_args=dict(layers=(1, 1, 1, 1)), text_args=_SMALL_TEXT).eval()
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)
+    assert m.get_logit_scale().item() == 100.0  # exp(10) clamped like Apple's CLIP
     with pytest.raises(ValueError, match="256x256"):
         m.encode_image(torch.rand(1, 3, 224, 224))
     with pytest.raises(ValueError, match=r"\(batch, 3, H, W\)"):
