@@ -162,3 +162,22 @@ def test_generate_cli_offline_name_gives_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit, match="could not fetch LiquidAI/LFM2-350M"):
         main(["generate", "lfm2_350m", "--prompt", "x", "--cache-dir", str(tmp_path)])
+
+
+def test_saved_lm_folder_is_self_contained(trained, tmp_path):
+    """The export holds its tokenizer for transformers too: pipeline("text-generation", model=DIR) works on it, and a
+    model loaded from it re-saves a complete folder (issue 11: LM folders saved with their tokenizer)."""
+    transformers = pytest.importorskip("transformers")
+    from zoo.cli import main
+    from zoo.language.lfm2 import load_pretrained
+
+    _, _, _, out = trained
+    pipe = transformers.pipeline("text-generation", model=str(out / "hf"), device="cpu")
+    assert type(pipe.model).__name__ == "Lfm2ForCausalLM"  # config.json says lfm2: transformers' own class
+    text = pipe("def ", max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    assert text.startswith("def ") and len(text) > 4
+    m = load_pretrained(out / "hf")
+    m.save_pretrained(tmp_path / "again")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in (tmp_path / "again").iterdir()}
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "again").eos_token == "<|endoftext|>"
+    assert main(["generate", str(tmp_path / "again"), "--prompt", "def ", "--max-new-tokens", "3"]) == 0
