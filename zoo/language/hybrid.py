@@ -13,17 +13,22 @@ A new operator is one ``nn.Module`` decorated with :func:`register_operator` (co
 ``model.layers.N.self_attn.q_layernorm``, ``model.embedding_norm``, ...), so Hugging Face checkpoints load without
 renaming.
 
-Decoding uses :class:`HybridCache`: a fixed window of the last ``L-1`` conv inputs for every conv layer and a growing
-key/value buffer for every attention layer. Padding must be on the left; padded positions are zeroed before they
-enter a conv window and are masked as attention keys, so a padded batch decodes exactly like its rows one by one.
+Decoding uses :class:`HybridCache` (a transformers ``Cache`` subclass when transformers is installed): a fixed window
+of the last ``L-1`` conv inputs for every conv layer and a key/value buffer for every attention layer (growing, or
+allocated once in :class:`HybridStaticCache`); after ``activate_past_recording()`` it can be rolled back (assisted and
+prompt-lookup decoding). Masked positions are zeroed before they enter a conv window and are invisible as attention
+keys, so any padding side works without a cache, and a left-padded batch decodes exactly like its rows one by one;
+``position_ids`` that restart inside a row mark packed sequences.
 
-This module needs only PyTorch; the transformers classes are in :mod:`zoo.language.lfm2`.
+This module imports only PyTorch at import time; :func:`hf_model_classes` builds the transformers classes
+(``PreTrainedModel`` base model and causal LM, used by :mod:`zoo.language.lfm2`) on first use.
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -369,17 +374,20 @@ class _HybridCacheState:
     prefetch = offload
 
 
-_CACHE_CLASSES: dict[str, type] = {}
+_CACHE_CLASSES: dict[bool, tuple[type, type]] = {}
 
 
-def _cache_classes() -> tuple[type, type]:
-    """(HybridCache, HybridStaticCache), built on first use with transformers' ``Cache`` as base class when
-    transformers is installed (so ``import zoo`` never imports it), plain classes otherwise."""
-    if not _CACHE_CLASSES:
-        try:
-            from transformers.cache_utils import Cache as base
-        except ImportError:  # pragma: no cover - the `lm` extra is not installed
-            base = object
+def _cache_classes(transformers_base: bool = True) -> tuple[type, type]:
+    """(HybridCache, HybridStaticCache). With ``transformers_base`` (and transformers installed) they subclass
+    transformers' ``Cache``; they are built on first use, so ``import zoo`` never imports transformers, and the
+    pure-PyTorch decode path does not pay for importing it either (plain classes with the same behaviour)."""
+    if transformers_base not in _CACHE_CLASSES:
+        base: type = object
+        if transformers_base:
+            try:
+                from transformers.cache_utils import Cache as base
+            except ImportError:  # pragma: no cover - the `lm` extra is not installed
+                base = object
 
         class HybridCache(_HybridCacheState, base):
             __doc__ = _HybridCacheState.__doc__
@@ -397,13 +405,14 @@ def _cache_classes() -> tuple[type, type]:
 
         for c in (HybridCache, HybridStaticCache):
             c.__module__ = __name__
-        _CACHE_CLASSES.update(HybridCache=HybridCache, HybridStaticCache=HybridStaticCache)
-    return _CACHE_CLASSES["HybridCache"], _CACHE_CLASSES["HybridStaticCache"]
+            c.__qualname__ = c.__name__
+        _CACHE_CLASSES[transformers_base] = (HybridCache, HybridStaticCache)
+    return _CACHE_CLASSES[transformers_base]
 
 
 def __getattr__(name: str):
     if name in ("HybridCache", "HybridStaticCache"):
-        return _CACHE_CLASSES.get(name) or dict(zip(("HybridCache", "HybridStaticCache"), _cache_classes()))[name]
+        return dict(zip(("HybridCache", "HybridStaticCache"), _cache_classes()))[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -987,7 +996,9 @@ class HybridLM(nn.Module):
     def new_cache(self, max_length: int = 0, static: bool = False) -> "HybridCache":
         """An empty decode cache; ``max_length`` pre-sizes the KV buffers (they grow when needed), or with
         ``static=True`` fixes their size."""
-        dynamic, static_cls = _cache_classes()
+        # a transformers Cache when transformers is loaded anyway; plain (same behaviour) otherwise, so
+        # pure-PyTorch decoding never waits for the transformers import
+        dynamic, static_cls = _cache_classes("transformers" in sys.modules)
         if static:
             return static_cls(self.config, max_cache_len=max_length)
         return dynamic(self.config, max_length)
