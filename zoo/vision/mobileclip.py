@@ -52,27 +52,6 @@ class LayerNormFp32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps).to(x.dtype)
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention with a packed ``in_proj`` (q, k, v rows), as ``nn.MultiheadAttention`` stores it, run
-    with ``scaled_dot_product_attention``."""
-
-    def __init__(self, dim: int, num_heads: int, causal: bool = False):
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
-        self.num_heads, self.causal = num_heads, causal
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out_proj(x.transpose(1, 2).reshape(b, n, c))
-
-
 class TextMlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -85,17 +64,23 @@ class TextMlp(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm transformer layer: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``."""
+    """Pre-norm transformer layer: ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``. The attention is torch's
+    ``nn.MultiheadAttention`` (packed ``in_proj`` q, k, v rows, as Apple's ``qkv_proj``; its fused inference path)."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, causal: bool = False):
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, causal: bool = False, context_length: int = 77):
         super().__init__()
         self.ln_1 = LayerNormFp32(dim)
-        self.attn = SelfAttention(dim, num_heads, causal)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.ln_2 = LayerNormFp32(dim)
         self.mlp = TextMlp(dim, mlp_hidden)
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1) if causal else None
+        self.register_buffer("attn_mask", mask, persistent=False)
 
     def forward(self, x):
-        x = x + self.attn(self.ln_1(x))
+        n = x.shape[1]
+        mask = self.attn_mask[:n, :n] if self.attn_mask is not None else None
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=mask)[0]
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,7 +212,7 @@ class TextTransformer(nn.Module):
         hidden = int(math.ceil(width * mlp_ratio / 16.0) * 16)  # Apple: ffn dim rounded up to a multiple of 16
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        blocks: list[nn.Module] = [TransformerBlock(width, heads, hidden, causal) for _ in range(layers)]
+        blocks: list[nn.Module] = [TransformerBlock(width, heads, hidden, causal, context_length) for _ in range(layers)]
         if variant == "mct":
             blocks = [TextRepMixerBlock(width, repmixer_kernel_size, mlp_ratio, deploy=deploy), *blocks,
                       TextRepMixerBlock(width, repmixer_kernel_size, mlp_ratio, deploy=deploy)]
@@ -245,8 +230,9 @@ class TextTransformer(nn.Module):
         nn.init.trunc_normal_(self.positional_embedding, std=std)
         nn.init.normal_(self.text_projection, std=std)
         for m in self.modules():
-            if isinstance(m, SelfAttention):
+            if isinstance(m, nn.MultiheadAttention):
                 nn.init.normal_(m.in_proj_weight, std=std)
+                nn.init.zeros_(m.in_proj_bias)
             elif isinstance(m, (nn.Linear, nn.Conv1d)):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
