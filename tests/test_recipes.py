@@ -71,6 +71,18 @@ def _segmentation_args(layout: str):
     return rule
 
 
+def _reinforced_args(tmp: Path) -> list[str]:
+    """Reinforced (DataCompDR-layout) digit shards from a tiny random teacher, written by the real reinforce step."""
+    import zoo
+    from zoo.data import clip_data
+
+    teacher = zoo.create_model("mobileclip2_s0", embed_dim=16, dynamic_img_size=True, text_args=dict(width=16, heads=2, layers=1),
+                               image_args=dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64))).eval()
+    img, lab = clip_data.digits_split()["train"]
+    clip_data.reinforce([teacher], img[:16], lab[:16], tmp / "dr", num_augs=2)
+    return [f"--data.init_args.shards={tmp / 'dr'}", "--data.init_args.batch_size=8"]
+
+
 # data class_path -> function(tmp_path) returning CLI overrides that make the recipe run on tiny local data.
 TINY_DATA_RULES = {
     "zoo.data.segmentation.GeneratedScenes": lambda tmp: [
@@ -83,6 +95,8 @@ TINY_DATA_RULES = {
     "zoo.data.ImageFolderDataModule": _image_folder_args,
     "zoo.data.text.TextDataModule": _text_args,
     "zoo.data.detection.COCODetection": _detection_args,
+    "zoo.data.clip_data.DigitsCLIPDataModule": lambda tmp: ["--data.init_args.batch_size=8"],
+    "zoo.data.clip_data.ReinforcedDataModule": _reinforced_args,
 }
 
 

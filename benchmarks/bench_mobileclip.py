@@ -1,0 +1,135 @@
+"""MobileCLIP: our encode_image / encode_text vs open_clip's on the same weights, one process, CPU.
+
+For each model open_clip defines, open_clip's model is built with random weights (randomized BatchNorm statistics) and
+its state dict is loaded into ours through our converter; then, per encoder, these callables run on the same input:
+
+    open_clip          open_clip model.encode_image / encode_text (eval)
+    open_clip reparam  timm.utils.reparameterize_model(open_clip model) (image encoder of the MCi variants)
+    ours train         zoo.create_model(name, checkpoint_path=...).encode_*: the multi-branch training form
+    ours deploy        zoo.deploy.reparameterize(ours)
+    ours onnxruntime   the encoder exported alone to ONNX (zoo.vision.mobileclip.export_onnx, parity-checked)
+
+Timings are interleaved (each round times every callable a few calls in turn) so load from other processes hits them
+alike. Ratios < 1 mean ours is faster. Targets: ours train / open_clip <= 1 (no slower), ours deploy / open_clip < 1.
+
+    python benchmarks/bench_mobileclip.py                                   # mobileclip2_s0, batch 1, 1 thread
+    python benchmarks/bench_mobileclip.py --models mobileclip_s1 mobileclip2_s0 --batch-size 4 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import zoo  # noqa: E402
+from zoo.checkpoints import save_file  # noqa: E402
+from zoo.deploy import reparameterize  # noqa: E402
+from zoo.vision import mobileclip as mc  # noqa: E402
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
+
+
+def interleaved(fns: dict, rounds: int, per_round: int, warmup: int) -> dict[str, dict[str, float]]:
+    times = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(rounds):
+            for k, fn in fns.items():
+                for _ in range(per_round):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: {"median_ms": statistics.median(v), "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))]} for k, v in times.items()}
+
+
+def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int) -> list[dict]:
+    import onnxruntime as ort
+    import open_clip
+    from timm.utils.model import reparameterize_model
+
+    torch.manual_seed(0)
+    ref = open_clip.create_model(mc.OPEN_CLIP_NAMES[name]).eval()
+    randomize_bn(ref)
+    if name in ("mobileclip_s1", "mobileclip_s2"):
+        torch.nn.init.zeros_(ref.visual.trunk.head.fc.bias)  # Apple's v1 projection is bias-free
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_file(ref.state_dict(), path)
+        ours = zoo.create_model(name, checkpoint_path=path).eval()
+        deploy = reparameterize(ours)
+        onnx = mc.export_onnx(ours, tmp)
+        sess = {k: ort.InferenceSession(v, providers=["CPUExecutionProvider"]) for k, v in onnx.items()}
+    size = ours.visual.image_size
+    image = torch.rand(batch, 3, size, size)
+    text = zoo.get_tokenizer(name)(["a photo of a cat on a sofa"] * batch)
+    ref_rep = reparameterize_model(ref) if mc._VARIANTS[name]["image"].startswith("fastvit") else None
+    with torch.no_grad():  # same weights, same outputs
+        err_i = (ours.encode_image(image) - ref.encode_image(image)).abs().max().item()
+        err_t = (ours.encode_text(text) - ref.encode_text(text)).abs().max().item()
+        err_d = (deploy.encode_image(image) - ref.encode_image(image)).abs().max().item()
+    rows = []
+    for enc, x in (("image", image), ("text", text)):
+        fns = {"open_clip": (lambda: ref.encode_image(x)) if enc == "image" else (lambda: ref.encode_text(x))}
+        if enc == "image" and ref_rep is not None:
+            fns["open_clip reparam"] = lambda: ref_rep.encode_image(x)
+        fns["ours train"] = (lambda: ours.encode_image(x)) if enc == "image" else (lambda: ours.encode_text(x))
+        fns["ours deploy"] = (lambda: deploy.encode_image(x)) if enc == "image" else (lambda: deploy.encode_text(x))
+        s = sess[enc]
+        feed = {s.get_inputs()[0].name: x.numpy()}
+        fns["ours onnxruntime"] = lambda s=s, feed=feed: s.run(None, feed)
+        res = interleaved(fns, rounds, per_round, warmup)
+        base = res["open_clip"]["median_ms"]
+        for k, v in res.items():
+            rows.append({"model": name, "encoder": enc, "runtime": k, **v, "ratio_vs_open_clip": v["median_ms"] / base})
+    print(f"{name}: max |ours - open_clip| image {err_i:.2e} (deploy {err_d:.2e}), text {err_t:.2e}")
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["mobileclip2_s0"])
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--per-round", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows = []
+    for name in a.models:
+        if name not in mc.OPEN_CLIP_NAMES:
+            raise SystemExit(f"{name}: open_clip does not define it; choose from {', '.join(mc.OPEN_CLIP_NAMES)}")
+        rows += bench_model(name, a.batch_size, a.rounds, a.per_round, a.warmup)
+    print(f"\nbatch {a.batch_size}, {a.threads} thread(s); median / p90 ms; ratio = median / open_clip median")
+    print(f"{'model':<16} {'enc':<6} {'runtime':<18} {'median':>8} {'p90':>8} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['model']:<16} {r['encoder']:<6} {r['runtime']:<18} {r['median_ms']:8.2f} {r['p90_ms']:8.2f} "
+              f"{r['ratio_vs_open_clip']:6.2f}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"batch_size": a.batch_size, "threads": a.threads, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
