@@ -60,17 +60,6 @@ def _detection_args(tmp: Path) -> list[str]:
             "--data.init_args.num_workers=0"]
 
 
-def _segmentation_args(layout: str):
-    """ADE20K / Cityscapes layouts filled with a few generated scenes, read back through the real folder code."""
-    def rule(tmp: Path) -> list[str]:
-        from zoo.data.segmentation import write_scenes
-
-        root = write_scenes(tmp / layout, layout, {"train": 4, "val": 2}, height=48, width=64)
-        return [f"--data.init_args.root={root}", "--data.init_args.crop_size=[48, 48]", "--data.init_args.eval_size=null",
-                "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
-    return rule
-
-
 def _reinforced_args(tmp: Path) -> list[str]:
     """Reinforced (DataCompDR-layout) digit shards from a tiny random teacher, written by the real reinforce step."""
     import zoo
@@ -81,6 +70,17 @@ def _reinforced_args(tmp: Path) -> list[str]:
     img, lab = clip_data.digits_split()["train"]
     clip_data.reinforce([teacher], img[:16], lab[:16], tmp / "dr", num_augs=2)
     return [f"--data.init_args.shards={tmp / 'dr'}", "--data.init_args.batch_size=8"]
+
+
+def _segmentation_args(layout: str):
+    """ADE20K / Cityscapes layouts filled with a few generated scenes, read back through the real folder code."""
+    def rule(tmp: Path) -> list[str]:
+        from zoo.data.segmentation import write_scenes
+
+        root = write_scenes(tmp / layout, layout, {"train": 4, "val": 2}, height=48, width=64)
+        return [f"--data.init_args.root={root}", "--data.init_args.crop_size=[48, 48]", "--data.init_args.eval_size=null",
+                "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+    return rule
 
 
 # data class_path -> function(tmp_path) returning CLI overrides that make the recipe run on tiny local data.
@@ -132,6 +132,38 @@ def test_recipe_runs_two_batches(recipe, tmp_path, monkeypatch):
     assert data_cls in TINY_DATA_RULES, f"no tiny-data rule for {data_cls} (recipe {recipe}); add one above"
     monkeypatch.chdir(tmp_path)
     model_rule = TINY_MODEL_RULES.get(cfg.get("model", {}).get("init_args", {}).get("model_name"), [])
-    cli = run_lightning_cli(["fit", "-c", str(recipe), *CPU, *TINY_DATA_RULES[data_cls](tmp_path), *model_rule])
+    data_args = TINY_DATA_RULES[data_cls](tmp_path)
+    before = set(tmp_path.rglob("*"))
+    cli = run_lightning_cli(["fit", "-c", str(recipe), *CPU, *data_args, *model_rule])
     assert cli.trainer.state.finished, f"{recipe} did not finish"
     assert cli.trainer.global_step == 2
+    # fast_dev_run is a sanity check: no checkpoint, export, log or config may survive it (in the cwd or anywhere)
+    new = set(tmp_path.rglob("*")) - before
+    left = [p for p in new if p.suffix in RUN_ARTIFACTS or p.name in ("checkpoints", "runs", "lightning_logs")]
+    assert not left, f"{recipe}: fast_dev_run left {left}"
+
+
+# what a run writes (checkpoints, exports, metrics, config); none of it may survive a fast_dev_run
+RUN_ARTIFACTS = {".ckpt", ".safetensors", ".onnx", ".pt2", ".csv", ".yaml"}
+
+
+def _callbacks(cfg: dict) -> list[dict]:
+    cbs = (cfg.get("trainer") or {}).get("callbacks") or []
+    return [cb for cb in cbs if isinstance(cb, dict)]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[str(p.relative_to(RECIPES_DIR)) for p in RECIPES])
+def test_recipe_outputs_live_in_the_run_folder(recipe):
+    """Checkpoints, exports, logs and predictions go under <default_root_dir>/version_N (Lightning's layout):
+    a fixed folder in a recipe would ignore --trainer.default_root_dir and let reruns overwrite each other."""
+    cfg = yaml.safe_load(recipe.read_text())
+    trainer = cfg.get("trainer") or {}
+    loggers = trainer.get("logger")
+    for lg in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(lg, dict):
+            assert "save_dir" not in (lg.get("init_args") or {}), f"{recipe}: the logger's save_dir follows default_root_dir"
+    for cb in _callbacks(cfg):
+        args = cb.get("init_args") or {}
+        for key in ("dirpath", "output_dir"):
+            assert not args.get(key), f"{recipe}: {cb['class_path']} {key}={args.get(key)!r} is a fixed folder"
+    assert str(trainer.get("default_root_dir", "")).startswith("runs/"), f"{recipe}: set default_root_dir: runs/<name>"

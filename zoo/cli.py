@@ -10,6 +10,8 @@ import importlib
 import sys
 
 LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# arguments that make a Lightning subcommand line complete enough to parse (a recipe, a class, or help)
+_LIGHTNING_ENTRY_ARGS = {"-c", "--config", "--model", "--data", "-h", "--help", "--print_config"}
 
 # name -> ("module:function", one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -66,9 +68,18 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd in LIGHTNING_SUBCOMMANDS:
-        from zoo.training import run_lightning_cli
+        if not any(a.split("=", 1)[0] in _LIGHTNING_ENTRY_ARGS or a.startswith(("--model.", "--data.")) for a in rest):
+            print(f"zoo {cmd}: error: no recipe given. Run `zoo {cmd} -c RECIPE [--trainer.max_epochs 5 ...]` "
+                  f"(`zoo recipes` lists them); `zoo {cmd} --help` shows every Lightning option (trainer, model, "
+                  "data, ckpt_path).", file=sys.stderr)
+            return 2
+        from zoo.training import RecipeNotFoundError, run_lightning_cli
 
-        run_lightning_cli([cmd, *rest])
+        try:
+            run_lightning_cli([cmd, *rest])
+        except RecipeNotFoundError as e:
+            print(f"zoo {cmd}: error: {e}", file=sys.stderr)
+            return 2
         return 0
     if cmd not in SUBCOMMANDS:
         import difflib

@@ -2,12 +2,12 @@
 
     python -m zoo.demo [--full-size]
 
-Everything lands in runs/quickstart/ (the recipe's folder), which is wiped first so the demo is reproducible.
+Everything lands in this run's own folder, runs/quickstart/version_N/ (the recipe's default_root_dir, one
+version per run): earlier runs are kept, never overwritten.
 """
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import torch
 
 
 def _log_dir(cli) -> Path:
-    return Path(cli.trainer.logger.log_dir)
+    return Path(cli.trainer.log_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,14 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     from zoo.bench import format_table, measure, plot_pareto, write_csv
     from zoo.training import DeployExport, run_lightning_cli
 
-    out = Path("runs/quickstart")  # trainer.default_root_dir of recipes/quickstart.yaml
-    shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     stamp = lambda: f"[{time.perf_counter() - t0:5.0f} s]"  # noqa: E731
     print("== 1/4 training recipes/quickstart.yaml (Next-ViT sized for a CPU, digits 32x32)")
     cli = run_lightning_cli(["fit", "-c", "quickstart"])
     t_train = time.perf_counter() - t0
     ckpt = cli.trainer.checkpoint_callback.best_model_path
+    out = _log_dir(cli)  # runs/quickstart/version_N
 
     print(stamp(), "== 2/4 testing the best checkpoint")
     results = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")[0]

@@ -209,10 +209,13 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         "TorchScript or torch.export. The model is reparameterized first and the artifact is checked against eager "
         "PyTorch at a different batch size, unless told otherwise.",
     )
-    p.add_argument("source", metavar="NAME_OR_CHECKPOINT", help="registered NAME[.TAG], or a checkpoint file (then --model)")
+    p.add_argument("source", metavar="NAME_OR_CHECKPOINT",
+                   help="registered NAME[.TAG], or a checkpoint file: a training output (deploy.safetensors, a "
+                   "Lightning .ckpt) carries its architecture and input size; other files need --model")
     p.add_argument("-o", "--output", required=True, help="file to write")
     p.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "torch_export"))
-    p.add_argument("--model", default=None, help="architecture of a checkpoint file, e.g. nextvit_small")
+    p.add_argument("--model", default=None,
+                   help="architecture of a checkpoint file without zoo metadata (e.g. a released one), e.g. nextvit_small")
     p.add_argument("--pretrained", action="store_true", help="with a model NAME: load its released weights")
     p.add_argument("--num-classes", type=int, default=None, help="classifier size (default: the checkpoint's / config's)")
     p.add_argument("--in-chans", type=int, default=None, help="input channels (default: the config's)")
@@ -238,13 +241,19 @@ def export_main(argv: Sequence[str] | None = None) -> int:
             ckpt = Path(args.source)
             if not ckpt.exists():
                 raise FileNotFoundError(f"checkpoint file {ckpt} does not exist")
-            if not args.model:
-                raise ValueError(f"{ckpt} is a checkpoint file: pass --model NAME (the architecture it was trained as)")
             if args.pretrained:
                 raise ValueError("--pretrained loads released weights; it cannot be combined with a checkpoint file")
-            model = zoo.create_model(
-                args.model, checkpoint_path=ckpt, num_classes=args.num_classes, in_chans=args.in_chans, **overrides
-            )
+            if args.model:
+                model = zoo.create_model(
+                    args.model, checkpoint_path=ckpt, num_classes=args.num_classes, in_chans=args.in_chans, **overrides
+                )
+            else:  # a training output names its architecture, head and input size itself
+                from zoo.deploy import load_trained_model
+
+                if overrides or args.num_classes is not None or args.in_chans is not None:
+                    raise ValueError("--override / --num-classes / --in-chans go with --model; a training output "
+                                     "already records its architecture")
+                model = load_trained_model(ckpt)
         else:
             if args.model and args.model != args.source:
                 raise ValueError(f"--model is only for checkpoint files; {args.source!r} is not a file")

@@ -53,3 +53,51 @@ def test_parity_mismatch_is_an_error(tmp_path):
 def test_unknown_format(tiny, tmp_path):
     with pytest.raises(ValueError, match="onnx"):
         export(tiny, tmp_path / "m.x", "tflite", input_size=(3, 32, 32))
+
+
+class _Noisy(nn.Module):
+    """Exports fine, but the artifact can never match eager (fresh noise in every run)."""
+
+    def forward(self, x):
+        return x + torch.rand_like(x)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_failed_parity_check_leaves_no_file(tmp_path, fmt):
+    path = tmp_path / f"noisy.{fmt}"
+    with pytest.raises(ExportParityError):
+        export(_Noisy(), path, fmt, example_input=torch.randn(2, 4), reparameterize=False)
+    assert list(tmp_path.iterdir()) == []  # neither the target nor a temporary file
+
+
+def test_training_output_rebuilds_itself_from_its_metadata(tiny, tmp_path):
+    """A deploy file as DeployExport writes it: architecture, head, data config and class names in the metadata."""
+    import json
+
+    from timm.data import resolve_data_config
+
+    from zoo.checkpoints import save_file
+    from zoo.deploy import load_trained_model, reparameterize
+    from zoo.tools import export_main
+
+    args = dict(depths=[1, 1, 2, 1], ntb_period=2, stem_chs=[16, 16, 32], ncb_widths=[32, 64, 96, 128],
+                ntb_widths=[None, 96, 128, 192])
+    deployed = reparameterize(tiny)
+    data_cfg = {"input_size": [1, 24, 24], "mean": [0.3], "std": [0.5], "interpolation": "bilinear", "crop_pct": 1.0}
+    meta = {"model_name": "nextvit_small", "model_args": json.dumps({**args, "in_chans": 3}), "num_classes": "10",
+            "data_config": json.dumps(data_cfg), "input_size": "[1, 24, 24]",
+            "class_names": json.dumps(list("abcdefghij")), "form": "deploy"}
+    save_file(deployed.state_dict(), tmp_path / "deploy.safetensors", metadata=meta)
+    m = load_trained_model(tmp_path / "deploy.safetensors")
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        assert torch.allclose(m(x), deployed(x), atol=1e-5)
+    assert m.class_names == list("abcdefghij")
+    dc = resolve_data_config({}, model=m)
+    assert dc["input_size"] == (1, 24, 24) and dc["interpolation"] == "bilinear" and tuple(dc["mean"]) == (0.3,)
+    # without zoo metadata the file needs --model, and says so
+    save_file(deployed.state_dict(), tmp_path / "plain.safetensors")
+    with pytest.raises(ValueError, match="--model"):
+        load_trained_model(tmp_path / "plain.safetensors")
+    assert export_main([str(tmp_path / "plain.safetensors"), "-o", str(tmp_path / "p.onnx")]) == 2
+    assert not (tmp_path / "p.onnx").exists()

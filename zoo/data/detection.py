@@ -579,14 +579,20 @@ class DetectionWriter(BasePredictionWriter):
     class names, COCO category ids) and, with ``draw``, ``<stem>.png`` with the boxes drawn.
 
     Args:
-        output_dir: folder for the files (created).
+        output_dir: folder for the files (created; default: ``predictions/`` in the run's log directory).
         score_threshold: detections below it are neither written nor drawn.
         draw: also write the image with boxes.
     """
 
-    def __init__(self, output_dir: str = "predictions", score_threshold: float = 0.3, draw: bool = True):
+    def __init__(self, output_dir: str | None = None, score_threshold: float = 0.3, draw: bool = True):
         super().__init__(write_interval="batch")
-        self.output_dir, self.score_threshold, self.draw = Path(output_dir), score_threshold, draw
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.score_threshold, self.draw = score_threshold, draw
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if self.output_dir is None:  # inside this run's own folder, never the working directory
+            self.output_dir = Path(trainer.log_dir or trainer.default_root_dir) / "predictions"
         self.written: list[Path] = []
 
     def _names(self, trainer) -> tuple[list[str] | None, dict[int, int] | None]:

@@ -1,4 +1,10 @@
-"""Image-classification DataModules: the embedded ``digits`` set and ImageFolder datasets on disk."""
+"""Image-classification DataModules: the embedded ``digits`` set and ImageFolder datasets on disk.
+
+Both predict on any image file, folder or glob through ``predict_path`` (``zoo predict ... --data.init_args.
+predict_path DIR``), preprocessed as in evaluation; ``zoo.tasks.classification.ClassificationWriter`` writes the
+labels. Both expose ``data_config`` (timm's keys: the input size and normalization the model is trained with) and
+``class_names``.
+"""
 from __future__ import annotations
 
 import os
@@ -24,9 +30,13 @@ class DigitsDataModule(L.LightningDataModule):
         image_size: side of the square images fed to the model (bilinear upsampling of the 8x8 originals).
         batch_size: per-device batch size.
         augment: random translations (+-1 original pixel) of training batches.
+        predict_path: image file, folder or glob to predict on (default: the test split). Images are read as grey
+            levels (ink bright on dark, like the digits), resized to ``image_size`` and normalized as in training;
+            ``save_images`` writes digits in that form.
     """
 
     num_classes = 10
+    class_names = [str(i) for i in range(10)]
 
     def __init__(
         self,
@@ -38,9 +48,11 @@ class DigitsDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         augment: bool = True,
+        predict_path: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
+        self.predict_path = predict_path
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.seed, self.in_chans, self.augment = seed, in_chans, augment
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -72,8 +84,10 @@ class DigitsDataModule(L.LightningDataModule):
         images = self._images(x)
         train_idx = torch.cat(parts["train"])
         mean, std = images[train_idx].mean(), images[train_idx].std()
+        self._mean, self._std = float(mean), float(std)
         images = (images - mean) / std
-        self._splits = {k: TensorDataset(images[torch.cat(v)], y[torch.cat(v)]) for k, v in parts.items()}
+        self._split_indices = {k: torch.cat(v) for k, v in parts.items()}
+        self._splits = {k: TensorDataset(images[idx], y[idx]) for k, idx in self._split_indices.items()}
 
     def _loader(self, split: str) -> DataLoader:
         self.setup()
@@ -109,7 +123,66 @@ class DigitsDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self):
-        return self._loader("test")
+        if not self.predict_path:
+            return self._loader("test")
+        return DataLoader(ImageFilesDataset(self.predict_path, self._file_transform()), batch_size=self.batch_size,
+                          num_workers=self.num_workers)
+
+    @property
+    def data_config(self) -> dict:
+        """timm-style data config of what the model sees: grey digits replicated to ``in_chans`` channels."""
+        self.setup()
+        c = self.in_chans
+        return dict(input_size=(c, self.image_size, self.image_size), interpolation="bilinear",
+                    mean=(self._mean,) * c, std=(self._std,) * c, crop_pct=1.0)
+
+    def _file_transform(self):
+        from torchvision.transforms import v2
+
+        cfg = self.data_config
+        return v2.Compose([
+            v2.Grayscale(self.in_chans), v2.Resize((self.image_size, self.image_size), antialias=True),
+            v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"]),
+        ])
+
+    def save_images(self, folder: str | os.PathLike, split: str = "test", n: int | None = None) -> list[Path]:
+        """Write ``n`` images of a split as 8x8 PNGs named ``<index>_label<digit>.png`` (for trying ``predict_path``)."""
+        from PIL import Image
+        from sklearn.datasets import load_digits
+
+        self.setup()
+        data = load_digits()
+        # the split's dataset holds normalized, upsampled images; recover which originals it holds by position
+        order = self._split_indices[split][: n if n is not None else None]
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i in order.tolist():
+            img = (data.images[i] / 16.0 * 255).round().astype("uint8")
+            path = out / f"{i:04d}_label{data.target[i]}.png"
+            Image.fromarray(img, mode="L").save(path)
+            paths.append(path)
+        return paths
+
+
+class ImageFilesDataset(torch.utils.data.Dataset):
+    """Images to predict on: a file, a folder (recursively) or a glob. Items are ``(image, path)``."""
+
+    def __init__(self, path: str | os.PathLike | Sequence[str], transform):
+        from zoo.data.detection import list_images
+
+        self.files = list_images(path)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        with Image.open(self.files[index]) as img:
+            img = img.convert("RGB")
+        return self.transform(img), str(self.files[index])
 
 
 def random_shift(x: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -144,6 +217,9 @@ class ImageFolderDataModule(L.LightningDataModule):
     Transforms come from the model's default config through timm's transform factory (train: RandAugment /
     random-resized-crop / random erasing as configured; eval: resize + center crop with ``crop_pct``). See
     data/README.md for preparing ImageNet-1k.
+
+    ``predict_path`` (image file, folder or glob) predicts on those images with the eval transform; the dataset
+    folders are then needed only for fit / validate / test (class names come from ``root/train`` when it exists).
     """
 
     def __init__(
@@ -159,11 +235,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         train_split: str = "train",
         val_split: str = "val",
         test_split: str | None = None,
+        predict_path: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(os.path.expanduser(root))
-        for split in (train_split, val_split):
+        self.predict_path = predict_path
+        for split in (train_split, val_split) if not predict_path else ():
             if not (self.root / split).is_dir():
                 raise FileNotFoundError(
                     f"ImageFolderDataModule: {self.root / split} does not exist. Lay the dataset out as "
@@ -176,16 +254,24 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.auto_augment, self.re_prob, self.color_jitter = auto_augment, re_prob, color_jitter
 
     @property
-    def num_classes(self) -> int:
-        return len([d for d in (self.root / self.train_split).iterdir() if d.is_dir()])
+    def class_names(self) -> list[str]:
+        """ImageFolder's classes (sorted sub-folders of the train split); empty when that folder is absent."""
+        train = self.root / self.train_split
+        return sorted(d.name for d in train.iterdir() if d.is_dir()) if train.is_dir() else []
 
-    def _data_config(self) -> dict:
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def data_config(self) -> dict:
+        """timm's data config: the model config's, at ``input_size`` when given (what the model is trained at)."""
         from zoo.registry import resolve_cfg
 
         _, _, cfg = resolve_cfg(self.model_name)
         return dict(
             input_size=tuple(self.input_size or cfg.input_size), interpolation=cfg.interpolation,
-            mean=cfg.mean, std=cfg.std, crop_pct=cfg.crop_pct,
+            mean=tuple(cfg.mean), std=tuple(cfg.std), crop_pct=cfg.crop_pct,
         )
 
     def _dataset(self, split: str, train: bool):
@@ -193,7 +279,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         from torchvision.datasets import ImageFolder
 
         _posterize_zero_bits_compat()
-        cfg = self._data_config()
+        cfg = self.data_config
         extra = dict(auto_augment=self.auto_augment, re_prob=self.re_prob, color_jitter=self.color_jitter) if train else {}
         return ImageFolder(str(self.root / split), transform=create_transform(**cfg, is_training=train, **extra))
 
@@ -213,4 +299,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader(self.test_split, False)
 
     def predict_dataloader(self):
-        return self._loader(self.test_split, False)
+        if not self.predict_path:
+            return self._loader(self.test_split, False)
+        from timm.data import create_transform
+
+        ds = ImageFilesDataset(self.predict_path, create_transform(**self.data_config, is_training=False))
+        return DataLoader(ds, batch_size=self.batch_size, num_workers=self.num_workers)

@@ -1,5 +1,6 @@
 """Deploy: reparameterize trained models into their inference form, export them and check parity."""
 from zoo.deploy.reparam import reparameterize, count_foldable_batchnorms
-from zoo.deploy.export import export, ExportParityError, onnx_parity
+from zoo.deploy.export import export, ExportParityError, load_trained_model, onnx_parity
 
-__all__ = ["reparameterize", "count_foldable_batchnorms", "export", "ExportParityError", "onnx_parity"]
+__all__ = ["reparameterize", "count_foldable_batchnorms", "export", "ExportParityError", "onnx_parity",
+           "load_trained_model"]

@@ -1,11 +1,18 @@
-"""Image classification on any registered model, with timm's optimizer and scheduler factories."""
+"""Image classification on any registered model, with timm's optimizer and scheduler factories, and the
+prediction writer for ``zoo predict``."""
 from __future__ import annotations
 
+import csv
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics.classification import MulticlassAccuracy
 
 
@@ -105,6 +112,19 @@ class ImageClassification(L.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(x).softmax(-1)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The data config the model is trained with (input size, normalization) and the class names make the
+        # checkpoint self-describing for `zoo export FILE` / zoo.deploy.load_trained_model.
+        from zoo.training import data_config
+
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        cfg = data_config(dm)
+        if cfg:
+            checkpoint["data_config"] = cfg
+        names = getattr(dm, "class_names", None)
+        if names:
+            checkpoint["class_names"] = [str(n) for n in names]
+
     # optimizers ------------------------------------------------------------------------------------------------
     def configure_optimizers(self):
         from timm.optim import create_optimizer_v2
@@ -135,3 +155,88 @@ class ImageClassification(L.LightningModule):
         dm = self.trainer.datamodule
         per_device = getattr(dm, "batch_size", None) or 1
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+
+# ----------------------------------------------------------------------------------------- prediction writer
+
+
+class ClassificationWriter(BasePredictionWriter):
+    """Write ``zoo predict`` results of an image classifier: one row per image with its file (or ``split[index]``
+    for in-memory data: its index), the true label when the data has one, and the top-k labels with their probabilities.
+
+    Args:
+        output_dir: folder for ``predictions.csv`` / ``predictions.json`` (default: the run's log directory).
+        formats: any of ``csv`` and ``json``.
+        top_k: how many labels per image.
+
+    Labels are the datamodule's ``class_names``, else ImageNet's names for a 1000-class head, else indices. Files
+    are written once, at the end (temporary file + rename); ``fast_dev_run`` writes nothing.
+    """
+
+    def __init__(self, output_dir: str | None = None, formats: list[str] = ("csv", "json"), top_k: int = 5):
+        super().__init__(write_interval="batch")
+        bad = set(formats) - {"csv", "json"}
+        if bad or not formats:
+            raise ValueError(f"ClassificationWriter: formats must be a non-empty subset of ['csv', 'json'], got {formats}")
+        self.output_dir, self.formats, self.top_k = output_dir, list(formats), top_k
+        self.rows: list[dict[str, Any]] = []
+        self.paths: list[Path] = []
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self.rows, self.paths = [], []
+
+    @staticmethod
+    def _names(trainer, pl_module, n: int) -> list[str]:
+        names = list(getattr(trainer.datamodule, "class_names", None) or [])
+        if len(names) == n:
+            return [str(v) for v in names]
+        if n == 1000:
+            from timm.data import ImageNetInfo
+
+            return [ImageNetInfo().index_to_description(i) for i in range(n)]
+        return [str(i) for i in range(n)]
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        probs = prediction.float().cpu()
+        names = self._names(trainer, pl_module, probs.shape[-1])
+        k = min(self.top_k, probs.shape[-1])
+        scores, idx = probs.topk(k, dim=-1)
+        second = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        files = list(second) if isinstance(second, (list, tuple)) and all(isinstance(f, str) for f in second) else None
+        targets = second.tolist() if isinstance(second, torch.Tensor) and second.ndim == 1 else None
+        indices = list(batch_indices) if batch_indices is not None else [None] * len(probs)
+        for j in range(len(probs)):
+            row: dict[str, Any] = {"file": files[j] if files else f"#{indices[j]}"}
+            if targets is not None:
+                row["target"] = names[targets[j]] if 0 <= targets[j] < len(names) else str(targets[j])
+            row["labels"] = [names[i] for i in idx[j].tolist()]
+            row["scores"] = [round(v, 6) for v in scores[j].tolist()]
+            self.rows.append(row)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if trainer.fast_dev_run or not self.rows:
+            return
+        out = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        suffix = f".rank{trainer.global_rank}" if trainer.world_size > 1 else ""
+        for fmt in self.formats:
+            path = out / f"predictions{suffix}.{fmt}"
+            tmp = path.with_name(f".{path.name}.part")
+            with open(tmp, "w", newline="") as f:
+                if fmt == "json":
+                    json.dump(self.rows, f, indent=1)
+                else:
+                    self._write_csv(f)
+            os.replace(tmp, path)
+            self.paths.append(path)
+        rank_zero_info(f"wrote {len(self.rows)} predictions to {', '.join(str(p) for p in self.paths)}")
+
+    def _write_csv(self, f) -> None:
+        k = max(len(r["labels"]) for r in self.rows)
+        cols = ["file"] + (["target"] if "target" in self.rows[0] else [])
+        cols += [c for i in range(1, k + 1) for c in (f"label_{i}", f"score_{i}")]
+        w = csv.writer(f)
+        w.writerow(cols)
+        for r in self.rows:
+            top = [v for lab, s in zip(r["labels"], r["scores"]) for v in (lab, s)]
+            w.writerow([r["file"]] + ([r["target"]] if "target" in r else []) + top)
