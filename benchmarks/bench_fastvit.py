@@ -59,18 +59,25 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.1)
 
 
-def build_variants(name: str, x: torch.Tensor, workdir: Path) -> tuple[dict, dict]:
-    """The callables, and each one's max |difference| from timm's reparameterized model on ``x``."""
+def tiny_args(name: str) -> dict:
+    """``--tiny``: one block per stage, narrow widths, every structural flag of the variant kept (a smoke run)."""
+    n = 5 if name in ("fastvit_mci3", "fastvit_mci4") else 4
+    return dict(layers=(1,) * n, embed_dims=(16, 32, 64, 128, 256)[:n])
+
+
+def build_variants(name: str, x: torch.Tensor, workdir: Path, **kw) -> tuple[dict, dict]:
+    """The callables, and each one's max |difference| from timm's reparameterized model on ``x``; ``kw``: the
+    architecture overrides given to both implementations."""
     import onnxruntime as ort
     import timm
     from timm.utils import reparameterize_model
 
     torch.manual_seed(0)
-    ours = zoo.create_model(name).eval()
-    ref = timm.create_model(name, num_classes=ours.num_classes).eval()
+    ours = zoo.create_model(name, **kw).eval()
+    ref = timm.create_model(name, num_classes=ours.num_classes, **kw).eval()
     randomize(ref)
     load_weights(ours, ref.state_dict())  # timm's layout is ours
-    folds = zoo.create_model(name, extra_folds=True).eval()
+    folds = zoo.create_model(name, extra_folds=True, **kw).eval()
     load_weights(folds, ref.state_dict())
     ours_deploy = reparameterize(ours)
     folds_deploy = reparameterize(folds)
@@ -119,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=5, help="timed calls per variant per round (batch 1)")
     p.add_argument("--json", default=None, help="write all figures here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table (for MODEL_CARD.md)")
+    p.add_argument("--tiny", action="store_true", help="smoke run: 1 block per stage, narrow widths (figures meaningless)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -130,7 +138,7 @@ def main(argv=None) -> int:
                 x = torch.randn(bs, 3, args.image_size, args.image_size)
                 print(f"[{name} batch {bs}] building, loading the same weights, exporting ONNX ...", file=sys.stderr,
                       flush=True)
-                variants, diffs = build_variants(name, x, Path(tmp))
+                variants, diffs = build_variants(name, x, Path(tmp), **(tiny_args(name) if args.tiny else {}))
                 per_round = max(1, args.per_round // bs)
                 print(f"[{name} batch {bs}] timing {args.rounds} x {per_round} calls per variant ...", file=sys.stderr,
                       flush=True)

@@ -46,16 +46,20 @@ def randomize_batchnorms(model: torch.nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
 
 
-def build_variants(name: str, x: torch.Tensor, workdir: Path) -> tuple[dict, dict]:
-    """The five callables, and the max |difference| of each against timm eager on ``x``."""
+TINY = dict(depths=(1, 1, 5, 1))  # --tiny: the shallowest depths timm's Next-ViT builds (stage 3 in blocks of 5)
+
+
+def build_variants(name: str, x: torch.Tensor, workdir: Path, **kw) -> tuple[dict, dict]:
+    """The five callables, and the max |difference| of each against timm eager on ``x``; ``kw``: architecture
+    overrides given to both implementations."""
     import onnxruntime as ort
     import timm
     from timm.utils import reparameterize_model
 
     torch.manual_seed(0)
-    ref = timm.create_model(name).eval()
+    ref = timm.create_model(name, **kw).eval()
     randomize_batchnorms(ref)
-    ours = zoo.create_model(name).eval()
+    ours = zoo.create_model(name, **kw).eval()
     load_weights(ours, ref.state_dict())  # timm's layout is ours: a strict load, no conversion
     ours_deploy = reparameterize(ours)
     ref_reparam = reparameterize_model(ref)
@@ -104,6 +108,7 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=5, help="timed calls per variant per round (batch 1)")
     p.add_argument("--json", default=None, help="write all figures here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table (for MODEL_CARD.md)")
+    p.add_argument("--tiny", action="store_true", help="smoke run: depths (1, 1, 5, 1) (figures meaningless)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
             x = torch.randn(bs, 3, args.image_size, args.image_size)
             print(f"[{args.model} batch {bs}] building, loading the same weights into both, exporting ONNX ...",
                   file=sys.stderr, flush=True)
-            variants, diffs = build_variants(args.model, x, Path(tmp))
+            variants, diffs = build_variants(args.model, x, Path(tmp), **(TINY if args.tiny else {}))
             per_round = max(1, args.per_round // bs) if bs > 1 else args.per_round
             print(f"[{args.model} batch {bs}] timing {args.rounds} x {per_round} calls per variant ...",
                   file=sys.stderr, flush=True)
