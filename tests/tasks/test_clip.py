@@ -2,6 +2,7 @@
 zero-shot ImageFolder evaluation and a real Lightning fit/test."""
 from __future__ import annotations
 
+import functools
 import tarfile
 
 import lightning as L
@@ -15,7 +16,7 @@ from zoo.data import clip_data as cd
 from zoo.tasks.clip import CLIPTask, clip_loss, distill_loss, retrieval_recall
 
 TINY = dict(embed_dim=32, dynamic_img_size=True, image_args=dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64)),
-            text_args=dict(width=32, heads=2, layers=1))
+            text_args=dict(width=32, heads=2, layers=1, context_length=16))
 
 
 def _feats(n=6, d=16, seed=0):
@@ -67,7 +68,7 @@ def test_reinforce_writes_datacompdr_layout_and_replays(shards):
     s = samples[0]
     assert len(samples) == 24 and len(s["paug"]) == 3 and len(s["syn"]) == 5
     assert s["image_emb"].shape == (3, 64) and s["text_emb"].shape == (6, 64)  # 2 teachers x 32, GT + 5 synthetic
-    ds = cd.ReinforcedDataset(samples, zoo.get_tokenizer("mobileclip2_s0"), 32)
+    ds = cd.ReinforcedDataset(samples, functools.partial(zoo.get_tokenizer("mobileclip2_s0"), context_length=16), 32)
     item = ds[0]
     with torch.no_grad():  # the replayed augmentation is the view the teacher embedded
         emb = F.normalize(teacher.encode_image(item["image"][None]), dim=-1)[0]
@@ -82,7 +83,7 @@ def test_fit_reinforced_then_zero_shot_and_retrieval(shards, tmp_path):
     torch.manual_seed(0)
     task = CLIPTask("mobileclip_s0", model_args=TINY, distill_weight=0.5, teacher_logit_scales=[100.0, 100.0],
                     warmup_steps=1)
-    dm = cd.ReinforcedDataModule(str(out), model_name="mobileclip_s0", batch_size=8)
+    dm = cd.ReinforcedDataModule(str(out), model_name="mobileclip_s0", batch_size=8, context_length=16)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, limit_val_batches=1, default_root_dir=tmp_path)
     before = task.model.logit_scale.detach().clone()
