@@ -237,3 +237,14 @@ def test_vim_onnx_graph_has_a_dynamic_class_set(tmp_path):
         assert got.dtype == np.int32 and np.array_equal(got, ref.numpy())
         seen.add(len(np.unique(got)))
     assert len(seen) == 3
+
+
+def test_zoo_bench_covers_segmentation_models():
+    """`zoo bench` defaults to the config's 512x512 for these models; here a small override keeps it cheap."""
+    from zoo import bench
+
+    assert bench.default_input_size("pp_mobileseg_base") == (3, 512, 512)
+    rows = bench.bench_models(["pp_mobileseg_tiny"], runtimes=("eager", "deploy"), image_size=64, iters=1, warmup=0,
+                              overrides={"depths": [1, 1]}, progress=False, skip_errors=False)
+    assert [r["runtime"] for r in rows] == ["eager", "deploy"] and all(r["median_ms"] > 0 for r in rows)
+    assert rows[1]["params_m"] < rows[0]["params_m"]  # BN folded in the deploy form
