@@ -8,8 +8,13 @@ deploy, onnxruntime) for the models that match ``--latency-models``. Parameters 
 Everything below the line ``<!-- generated table ends -->`` in MODEL_CARD.md is hand-written (one section per
 family) and kept as is.
 
-    python scripts/make_model_card.py                                  # latency for nextvit_* (minutes)
-    python scripts/make_model_card.py --latency-models '' --check      # tables only
+Latency cells come from ``benchmarks/results/model_card_latency.json`` (command, date, machine, versions and the
+rows), written whenever latency is measured; nothing is timed unless ``--latency-models`` asks for it.
+
+    python scripts/make_model_card.py                                  # regenerate the table (latency from the file)
+    python scripts/make_model_card.py --latency-models 'nextvit_*'     # time these now (minutes), update the file
+    python scripts/make_model_card.py --check                          # exit 1 if the card's rows are out of date
+    python scripts/make_model_card.py --check --models 'snn_*'         # check only some rows (fast)
     python scripts/make_model_card.py --latency-json bench.json        # latency from an earlier `zoo bench --json`
 """
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import datetime
 import fnmatch
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -34,6 +40,9 @@ from zoo.registry import resolve_cfg  # noqa: E402
 
 MARKER = "<!-- generated table ends -->"
 LATENCY_RUNTIMES = ("eager", "deploy", "onnxruntime")
+# The latency cells come from this committed file, written when latency is measured (``--latency-models``): the
+# figures keep the command, date, machine and versions that produced them, and ``--check`` stays deterministic.
+LATENCY_RESULTS = ROOT / "benchmarks" / "results" / "model_card_latency.json"
 
 
 def _meta_stats(name: str) -> dict:
@@ -92,7 +101,78 @@ def collect_latency(names, args) -> dict[tuple[str, str], dict]:
         for r in rows:
             if not r["error"]:
                 lat[(name, r["runtime"])] = r
+    if todo:
+        write_latency_results(lat, args)
     return lat
+
+
+def write_latency_results(lat: dict[tuple[str, str], dict], args) -> Path:
+    """The measured rows (and those kept from the earlier file) with how they were produced."""
+    import platform
+
+    path = Path(args.latency_results)
+    doc = {
+        "command": "python scripts/make_model_card.py " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {**bench.environment(), "node": platform.node(), "load_average": list(os.getloadavg())},
+        "settings": {"threads": args.threads, "warmup": args.warmup, "iters": args.iters, "batch_size": 1,
+                     "runtimes": list(LATENCY_RUNTIMES)},
+        "results": sorted(lat.values(), key=lambda r: (r["model"], LATENCY_RUNTIMES.index(r["runtime"]))),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)  # no half-written results file
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+def table_row(name: str, lat: dict[tuple[str, str], dict]) -> tuple[str, list[str]]:
+    """One model's row of the generated table, and its notes."""
+    entry, tag, cfg = resolve_cfg(name)
+    try:
+        s = _meta_stats(name)
+    except Exception as e:  # noqa: BLE001 - one broken model must not hide the others
+        traceback.print_exc()
+        s = {"params": None, "deploy_params": None, "gmacs": None, "gmacs_at": "",
+             "notes": [f"could not be built on meta ({type(e).__name__})"]}
+    params = f"{_fmt(s['params'] and s['params'] / 1e6, '.2f')} / {_fmt(s['deploy_params'] and s['deploy_params'] / 1e6, '.2f')}"
+    gmacs = f"{_fmt(s['gmacs'], '.3f')} @ {s['gmacs_at']}" if s["gmacs"] is not None else "-"
+    tags = ", ".join(t for t, c in entry.tags.items() if c.has_weights) or "(none)"
+    ms = " / ".join(_fmt(lat.get((name, rt), {}).get("median_ms"), ".1f") for rt in LATENCY_RUNTIMES)
+    row = (f"| `{name}` | {cfg.family} | {cfg.task} | {params} | {gmacs} | {_fmt_metric(cfg.metrics)} | {tags} | "
+           f"{cfg.license or '-'} | {ms} |")
+    return row, [f"`{name}`: {n}" for n in s["notes"]]
+
+
+def check_card(card: str, args) -> list[str]:
+    """Differences between the card's generated rows and the registry (+ the latency results file).
+
+    ``--models`` restricts the check to matching models (a quick check of a few rows); without it every registered
+    model must have exactly its row, and the card no row of an unregistered model."""
+    generated = card.split(MARKER, 1)[0] if MARKER in card else card
+    rows = {}
+    for line in generated.splitlines():
+        if line.startswith("| `"):
+            rows[line.split("`", 2)[1]] = line
+    names = zoo.list_models()
+    patterns = [p for p in (args.models or "").split(",") if p]
+    if patterns:
+        names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns)]
+        if not names:
+            return [f"--models {args.models!r} matches no registered model"]
+    lat = collect_latency([], args)
+    problems = []
+    for name in names:
+        want, _ = table_row(name, lat)
+        have = rows.get(name)
+        if have is None:
+            problems.append(f"`{name}`: registered but has no row in the card")
+        elif have != want:
+            problems.append(f"`{name}`: the card says\n    {have}\n  the registry gives\n    {want}")
+    if not patterns:
+        problems += [f"`{n}`: row in the card but not registered" for n in rows if n not in set(names)]
+    return problems
 
 
 def build_table(args) -> str:
@@ -109,9 +189,9 @@ def build_table(args) -> str:
         "- **GMACs**: one image at the default input (`torch.utils.flop_counter`, MACs = FLOPs / 2, attention matmuls "
         "included); language models: one token.",
         "- **Published**: the metric the paper / release reports for the default tag (`ModelCfg.metrics`).",
-        f"- **CPU latency**: median ms, batch 1 at the default input, {args.threads} thread(s), eager / deploy / "
-        f"onnxruntime, {args.iters} timed calls after {args.warmup} warm-up calls on {bench.environment()['processor']} "
-        f"({bench.environment()['cpu_count']} cores, shared machine: expect noise), torch {torch.__version__}. "
+        "- **CPU latency**: median ms, batch 1 at the default input, eager / deploy / onnxruntime, measured once "
+        "(not asserted) and read from `benchmarks/results/model_card_latency.json`, which records the command, date, "
+        "machine, load average, versions, threads and iterations of the run (`--latency-models` re-measures). "
         "`-`: not measured.",
         "",
         "| Model | Family | Task | Params (M) train / deploy | GMACs @ input | Published | Tags with weights | "
@@ -120,22 +200,9 @@ def build_table(args) -> str:
     ]
     notes = []
     for name in names:
-        entry, tag, cfg = resolve_cfg(name)
-        try:
-            s = _meta_stats(name)
-        except Exception as e:  # noqa: BLE001 - one broken model must not hide the others
-            traceback.print_exc()
-            s = {"params": None, "deploy_params": None, "gmacs": None, "gmacs_at": "",
-                 "notes": [f"could not be built on meta ({type(e).__name__})"]}
-        notes += [f"`{name}`: {n}" for n in s["notes"]]
-        params = f"{_fmt(s['params'] and s['params'] / 1e6, '.2f')} / {_fmt(s['deploy_params'] and s['deploy_params'] / 1e6, '.2f')}"
-        gmacs = f"{_fmt(s['gmacs'], '.3f')} @ {s['gmacs_at']}" if s["gmacs"] is not None else "-"
-        tags = ", ".join(t for t, c in entry.tags.items() if c.has_weights) or "(none)"
-        ms = " / ".join(_fmt(lat.get((name, rt), {}).get("median_ms"), ".1f") for rt in LATENCY_RUNTIMES)
-        lines.append(
-            f"| `{name}` | {cfg.family} | {cfg.task} | {params} | {gmacs} | {_fmt_metric(cfg.metrics)} | {tags} | "
-            f"{cfg.license or '-'} | {ms} |"
-        )
+        row, row_notes = table_row(name, lat)
+        notes += row_notes
+        lines.append(row)
     if notes:
         lines += ["", "Notes:", *[f"- {n}" for n in notes]]
     return "\n".join(lines) + "\n"
@@ -144,18 +211,36 @@ def build_table(args) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default=str(ROOT / "MODEL_CARD.md"))
-    p.add_argument("--latency-models", default="nextvit_*",
-                   help="comma-separated globs of models to time ('' for none; default nextvit_*)")
-    p.add_argument("--latency-json", default=None, help="take latency from an earlier `zoo bench --json` file")
+    p.add_argument("--latency-models", default="",
+                   help="comma-separated globs of models to time now (e.g. 'nextvit_*'; default none: the figures of "
+                        "--latency-json); measured rows are written to --latency-results")
+    p.add_argument("--latency-json", default=str(LATENCY_RESULTS) if LATENCY_RESULTS.exists() else None,
+                   help="take latency from this file (default: the committed benchmarks/results/"
+                        "model_card_latency.json) or an earlier `zoo bench --json` file")
+    p.add_argument("--latency-results", default=str(LATENCY_RESULTS), help="where measured latency rows are written")
+    p.add_argument("--models", default="", help="with --check: only check these comma-separated globs")
     p.add_argument("--threads", type=int, default=1,
                    help="intra-op threads (default 1: stable on a shared machine; 2-thread eager runs degrade badly under load)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=15)
-    p.add_argument("--check", action="store_true", help="print the table instead of writing the file")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 1 (listing the differences) if the card's table disagrees with the "
+                        "registry and the latency results, 0 if it agrees")
+    p.add_argument("--print", action="store_true", help="print the table instead of writing the file")
     args = p.parse_args(argv)
 
-    table = build_table(args)
     if args.check:
+        out = Path(args.output)
+        problems = check_card(out.read_text() if out.exists() else "", args)
+        for msg in problems:
+            print(msg, file=sys.stderr)
+        if problems:
+            print(f"{out}: {len(problems)} row(s) out of date; regenerate with `make model-card`", file=sys.stderr)
+            return 1
+        print(f"{out}: generated table up to date")
+        return 0
+    table = build_table(args)
+    if args.print:
         print(table)
         return 0
     out = Path(args.output)
