@@ -1,0 +1,64 @@
+"""Smoke runs with tiny sizes: every benchmark script the MODEL_CARD figures come from, and ``python -m zoo.demo``.
+
+The figures are meaningless at these sizes; what is checked is that each script runs end to end (building both
+implementations, loading the same weights, exporting, timing) and writes its JSON."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {  # script -> smallest arguments it has
+    "bench_nextvit.py": ["--tiny", "--batch-sizes", "1", "--image-size", "32", "--threads", "1", "--warmup", "0",
+                         "--rounds", "1", "--per-round", "1"],
+    "bench_fastvit.py": ["--tiny", "--models", "fastvit_sa12", "--batch-sizes", "1", "--image-size", "64",
+                         "--threads", "1", "--warmup", "0", "--rounds", "1", "--per-round", "1"],
+    # no model-size option: the full LFM2-350M is built (twice: ours and transformers') with the shortest run
+    "bench_lfm2.py": ["--threads", "1", "--prompt-len", "8", "--decode-steps", "2", "--repeats", "1", "--no-lowp",
+                      "--no-rss"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_benchmark_script_smoke(script, tmp_path):
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *SMOKE[script], "--json", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc, script
+    if script != "bench_lfm2.py":
+        assert doc["results"] and all(r["median_ms"] > 0 for r in doc["results"])
+        diff_key = next(k for k in doc["results"][0] if k.startswith("max_abs_diff"))
+        assert all(r[diff_key] < 1e-4 for r in doc["results"])  # ours == timm on the same weights
+    assert list(tmp_path.iterdir()) == [out]  # nothing else left behind
+
+
+def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch, capsys):
+    """``python -m zoo.demo``: the real quickstart recipe through Lightning (train, test the best checkpoint, deploy +
+    ONNX, latency of the three runtimes, CSV and plot), with the training cut to two updates."""
+    import zoo.training
+    from zoo import demo
+
+    real_cli = zoo.training.run_lightning_cli
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+            "--trainer.limit_test_batches", "1"]
+    monkeypatch.setattr(zoo.training, "run_lightning_cli", lambda args: real_cli([*args, *tiny]))
+    monkeypatch.chdir(tmp_path)
+    assert demo.main([]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    runs = tmp_path / "runs" / "quickstart"
+    files = {p.name for p in runs.rglob("*") if p.is_file()}
+    assert {"bench.csv", "pareto.png", "metrics.csv"} <= files, files
+    assert any(f.endswith(".onnx") for f in files) and any(f.endswith(".ckpt") for f in files)
+    import csv
+
+    with open(next(runs.rglob("bench.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["runtime"] for r in rows] == ["eager", "deploy", "onnxruntime"]
+    assert all(float(r["median_ms"]) > 0 for r in rows)
