@@ -248,3 +248,24 @@ def test_zoo_bench_covers_segmentation_models():
                               overrides={"depths": [1, 1]}, progress=False, skip_errors=False)
     assert [r["runtime"] for r in rows] == ["eager", "deploy"] and all(r["median_ms"] > 0 for r in rows)
     assert rows[1]["params_m"] < rows[0]["params_m"]  # BN folded in the deploy form
+
+
+def test_timm_contract_torchscript_fx_features(tiny):
+    """What the shared contract asks of a backbone, for this segmentation family (tests/test_contract.py runs
+    classification / feature-extraction tasks only): TorchScript, FX, features_only, reset_classifier, data config."""
+    import timm.data
+
+    x = torch.randn(2, 3, 64, 64)
+    vim = zoo.create_model("pp_mobileseg_tiny", upsample="vim", **SMALL)
+    vim.load_state_dict(tiny.state_dict())
+    vim.eval()
+    with torch.no_grad():
+        assert torch.equal(torch.jit.script(vim)(x), vim(x))
+        assert torch.allclose(torch.fx.symbolic_trace(tiny)(x), tiny(x), atol=1e-6)
+    feats = zoo.create_model("pp_mobileseg_base", features_only=True, out_indices=(1, 3), **SMALL).eval()
+    assert feats.feature_info.channels() == [64, 192] and feats.feature_info.reduction() == [8, 32]
+    assert [t.shape[1] for t in feats(x)] == [64, 192]
+    m = zoo.create_model("pp_mobileseg_tiny", **SMALL).eval()
+    m.reset_classifier(0, "")
+    assert m(x).shape == (2, 256, 64, 64)  # pre-logits map, upsampled like the logits
+    assert timm.data.resolve_model_data_config(m)["input_size"] == (3, 512, 512)
