@@ -18,7 +18,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import numpy as np

@@ -25,7 +25,7 @@ model's ``decode_head``) at ``head_lr_mult`` times the learning rate. The PP-Mob
 intent is 10x and our ADE20K recipes set ``head_lr_mult: 10`` (``1.0`` reproduces the released training exactly).
 Schedule: PaddleSeg's ``PolynomialDecay`` with linear warm-up, per update, as a multiplier on every group's rate.
 """
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import lightning as L
 import torch

@@ -22,8 +22,7 @@ Differences from the reference: none in the function. The SE gate is Paddle's ``
 offset=0.5)`` (not torch's 1/6 slope); the SEA gate is ``relu6(x + 3) / 6``; the AAM gates are sigmoids.
 """
 import logging
-import math
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
