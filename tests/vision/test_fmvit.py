@@ -41,7 +41,7 @@ def _assert_plain_deploy_graph(d: torch.nn.Module) -> None:
     assert count_foldable_batchnorms(d) == 0
     for m in d.modules():
         if isinstance(m, MobileOneBlock):
-            assert m.deployed and not hasattr(m, "conv_kxk")
+            assert m.deployed and all(getattr(m, b, None) is None for b in ("conv_kxk", "conv_scale", "identity"))
         if isinstance(m, RepMultiGroupConv1x1):
             assert m.deployed and len(m.branches) == 0 and m.conv.groups == 1
         if isinstance(m, KVReduce):
