@@ -83,18 +83,19 @@ def test_training_output_rebuilds_itself_from_its_metadata(tiny, tmp_path):
     args = dict(depths=[1, 1, 2, 1], ntb_period=2, stem_chs=[16, 16, 32], ncb_widths=[32, 64, 96, 128],
                 ntb_widths=[None, 96, 128, 192])
     deployed = reparameterize(tiny)
-    data_cfg = {"input_size": [1, 24, 24], "mean": [0.3], "std": [0.5], "interpolation": "bilinear", "crop_pct": 1.0}
+    data_cfg = {"input_size": [3, 64, 64], "mean": [0.3] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                "crop_pct": 1.0}
     meta = {"model_name": "nextvit_small", "model_args": json.dumps({**args, "in_chans": 3}), "num_classes": "10",
-            "data_config": json.dumps(data_cfg), "input_size": "[1, 24, 24]",
+            "data_config": json.dumps(data_cfg), "input_size": "[3, 64, 64]",
             "class_names": json.dumps(list("abcdefghij")), "form": "deploy"}
     save_file(deployed.state_dict(), tmp_path / "deploy.safetensors", metadata=meta)
     m = load_trained_model(tmp_path / "deploy.safetensors")
-    x = torch.randn(2, 3, 24, 24)
+    x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(m(x), deployed(x), atol=1e-5)
     assert m.class_names == list("abcdefghij")
     dc = resolve_data_config({}, model=m)
-    assert dc["input_size"] == (1, 24, 24) and dc["interpolation"] == "bilinear" and tuple(dc["mean"]) == (0.3,)
+    assert dc["input_size"] == (3, 64, 64) and dc["interpolation"] == "bilinear" and tuple(dc["mean"]) == (0.3,) * 3
     # without zoo metadata the file needs --model, and says so
     save_file(deployed.state_dict(), tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match="--model"):
