@@ -267,6 +267,8 @@ class _HybridCacheState:
 
     @property
     def is_croppable(self) -> bool:
+        if any(s is not None and not isinstance(s, (torch.Tensor, KVBuffer)) for s in self.layers):
+            return False  # recurrent (deltanet / mamba2) states keep no history to roll back to
         return self.record_past or not any(isinstance(s, torch.Tensor) for s in self.layers)
 
     @property
@@ -313,6 +315,12 @@ class _HybridCacheState:
             new = self.seen - n
             if new < 0:
                 raise ValueError(f"cannot remove {n} positions from a cache holding {self.seen}")
+            rec = sorted({type(s).__name__ for s in self.layers if s is not None and not isinstance(s, (torch.Tensor, KVBuffer))})
+            if rec:
+                raise RuntimeError(
+                    f"this hybrid cache holds recurrent layer states ({', '.join(rec)}) that cannot be rolled back: "
+                    f"assisted / prompt-lookup decoding is unavailable for models with recurrent operators"
+                )
             has_conv = any(isinstance(s, torch.Tensor) for s in self.layers)
             if has_conv and (self._hist_start is None or new < self._hist_start):
                 raise RuntimeError(
@@ -758,11 +766,15 @@ class DecoderLayer(nn.Module):
         self.op_name = op_cls.module_name
         self.operator_norm = RMSNorm(config.hidden_size, config.norm_eps)
         self.add_module(self.op_name, op_cls(config, layer_idx))
-        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps)
-        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size)
+        # intermediate_size=0: no FFN sublayer (patterns whose FFNs are layers of their own, e.g. Nemotron-Flash)
+        has_ffn = config.intermediate_size > 0
+        self.ffn_norm = RMSNorm(config.hidden_size, config.norm_eps) if has_ffn else None
+        self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size) if has_ffn else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         x = x + getattr(self, self.op_name)(self.operator_norm(x), ctx)
+        if self.feed_forward is None:
+            return x
         return x + self.feed_forward(self.ffn_norm(x))
 
 
