@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("zoo.tools:export_main", "export a model or checkpoint to ONNX / TorchScript / torch.export"),
     "generate": ("zoo.language.generate_cli:main", "stream text from a language model: zoo generate NAME_OR_DIR --prompt ..."),
     "bench": ("zoo.bench:main", "latency / GMACs / params table, CSV/JSON and a Pareto plot"),
+    "lm-search": ("zoo.language.operator_search:main",
+                  "aging-evolution search over hybrid LM layer patterns: bits/byte vs decode latency (resumable)"),
     "snn": ("zoo.snn.pipeline:main", "IIR-SNN: ANN -> SNN T=5 -> 3 -> 1 pipeline and its table (zoo snn pipeline)"),
 }
 
