@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("zoo.bench:main", "latency / GMACs / params table, CSV/JSON and a Pareto plot"),
     "lm-search": ("zoo.language.operator_search:main",
                   "aging-evolution search over hybrid LM layer patterns: bits/byte vs decode latency (resumable)"),
+    "docsynth": ("zoo.data.docsynth:main", "synthesize document-layout pages (Mesh-candidate BestFit) as a COCO dataset"),
     "snn": ("zoo.snn.pipeline:main", "IIR-SNN: ANN -> SNN T=5 -> 3 -> 1 pipeline and its table (zoo snn pipeline)"),
 }
 

@@ -236,12 +236,13 @@ def _read_image(path: str | os.PathLike) -> torch.Tensor:
 
 class CocoDetectionDataset(Dataset):
     """One split of a COCO-format dataset; ``label_map`` ``contiguous`` maps the sorted category ids to 0..K-1,
-    ``category_id`` uses ``category_id - 1`` (COCO's 90-id layout, as TF's 91-slot heads)."""
+    ``category_id`` uses ``category_id - 1`` (COCO's 90-id layout, as TF's 91-slot heads). ``data``: an already
+    validated annotation dict (e.g. converted from YOLO labels; ``ann_file`` then only names the source)."""
 
     def __init__(self, images_dir: str | os.PathLike, ann_file: str | os.PathLike, transform=None,
-                 label_map: str = "contiguous"):
+                 label_map: str = "contiguous", data: dict[str, Any] | None = None):
         self.images_dir, self.ann_file, self.transform = Path(images_dir), Path(ann_file), transform
-        data = load_coco_annotations(ann_file)
+        data = load_coco_annotations(ann_file) if data is None else data
         cats = sorted(data["categories"], key=lambda c: c["id"])
         if label_map == "contiguous":
             self.cat_to_label = {c["id"]: i for i, c in enumerate(cats)}
