@@ -93,6 +93,84 @@ def coco_evaluate(gt: dict, detections: list[dict], quiet: bool = True) -> dict[
     return {k: float(v) for k, v in zip(COCO_STATS, ev.stats)}
 
 
+
+def yolo_average_precision(predictions: list[dict], targets: list[dict],
+                           iou_thresholds: Sequence[float] | None = None) -> dict[str, float]:
+    """Box AP computed the way ultralytics' validator computes it (the figures DocLayout-YOLO and YOLOv10 report),
+    on the same inputs as torchmetrics: per image ``boxes`` (xyxy), ``scores``, ``labels`` and ground-truth
+    ``boxes``, ``labels``. Returns ``map`` (IoU 0.50:0.05:0.95), ``map_50``, ``map_75`` and ``map_per_class``.
+
+    How it differs from COCOeval (see MODEL_CARD.md, "DocLayout-YOLO"):
+
+    - matching is greedy by IoU, not by score: at each IoU threshold all (ground truth, detection) pairs of the same
+      class above the threshold are sorted by IoU, each detection keeps its highest-IoU pair, then each ground
+      truth keeps one of those (the first in detection order: ultralytics does not re-sort by IoU in between);
+    - AP integrates the precision envelope, with the points (0, 1) and (1, 0) added, linearly interpolated at 101
+      recall points, by the trapezoid rule; COCOeval averages the envelope *sampled* at 101 recall thresholds and
+      counts 0 beyond the highest recall reached;
+    - no detection limit per image (COCOeval keeps the 100 best), no area ranges, no crowd regions;
+    - classes are averaged over those present in the ground truth (a class with detections only is ignored, as in
+      COCOeval); recall divides by ``n_gt + 1e-16``.
+    """
+    import numpy as np
+
+    thr = np.asarray(coco_thresholds()[0] if iou_thresholds is None else iou_thresholds, dtype=np.float64)
+    correct, conf, pred_cls, target_cls = [], [], [], []
+    for p, t in zip(predictions, targets):
+        by_score = torch.argsort(p["scores"].detach().cpu(), descending=True, stable=True).numpy()  # as NMS returns them
+        pb = p["boxes"].detach().double().cpu().numpy().reshape(-1, 4)[by_score]
+        pl = p["labels"].detach().cpu().numpy().reshape(-1)[by_score]
+        tb = t["boxes"].detach().double().cpu().numpy().reshape(-1, 4)
+        tl = t["labels"].detach().cpu().numpy().reshape(-1)
+        target_cls.append(tl)
+        hit = np.zeros((len(pb), len(thr)), dtype=bool)
+        if len(pb) and len(tb):
+            lt = np.maximum(tb[:, None, :2], pb[None, :, :2])
+            rb = np.minimum(tb[:, None, 2:], pb[None, :, 2:])
+            inter = np.clip(rb - lt, 0, None).prod(-1)
+            area_t = (tb[:, 2:] - tb[:, :2]).prod(-1)
+            area_p = (pb[:, 2:] - pb[:, :2]).prod(-1)
+            iou = inter / (area_t[:, None] + area_p[None, :] - inter + 1e-7)
+            iou = iou * (tl[:, None] == pl[None, :])
+            for k, th in enumerate(thr):
+                gi, di = np.nonzero(iou >= th)
+                if not len(gi):
+                    continue
+                pairs = np.stack([gi, di, iou[gi, di]], 1)
+                pairs = pairs[np.argsort(-pairs[:, 2], kind="stable")]
+                pairs = pairs[np.unique(pairs[:, 1], return_index=True)[1]]  # one ground truth per detection
+                pairs = pairs[np.unique(pairs[:, 0], return_index=True)[1]]  # one detection per ground truth
+                hit[pairs[:, 1].astype(int), k] = True
+        correct.append(hit)
+        conf.append(p["scores"].detach().double().cpu().numpy().reshape(-1)[by_score])
+        pred_cls.append(pl)
+    tp = np.concatenate(correct) if correct else np.zeros((0, len(thr)), dtype=bool)
+    conf, pred_cls = np.concatenate(conf or [np.zeros(0)]), np.concatenate(pred_cls or [np.zeros(0)])
+    order = np.argsort(-conf, kind="stable")
+    tp, pred_cls = tp[order], pred_cls[order]
+    classes, n_gt = np.unique(np.concatenate(target_cls or [np.zeros(0)]), return_counts=True)
+    ap = np.zeros((len(classes), len(thr)))
+    grid = np.linspace(0, 1, 101)
+    for ci, c in enumerate(classes):
+        sel = pred_cls == c
+        if not sel.any():
+            continue
+        tpc = tp[sel].cumsum(0)
+        fpc = (~tp[sel]).cumsum(0)
+        recall = tpc / (n_gt[ci] + 1e-16)
+        precision = tpc / (tpc + fpc)
+        for k in range(len(thr)):
+            mrec = np.concatenate([[0.0], recall[:, k], [1.0]])
+            mpre = np.concatenate([[1.0], precision[:, k], [0.0]])
+            mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))  # the precision envelope
+            ap[ci, k] = np.trapezoid(np.interp(grid, mrec, mpre), grid)
+    out = {"map": float(ap.mean()) if ap.size else 0.0, "map_per_class": ap.mean(1).tolist()}
+    for name, value in (("map_50", 0.5), ("map_75", 0.75)):
+        k = np.nonzero(np.isclose(thr, value))[0]
+        if len(k):
+            out[name] = float(ap[:, k[0]].mean()) if len(classes) else 0.0
+    return out
+
 class ObjectDetection(L.LightningModule):
     """Train / evaluate ``zoo.create_model(model_name, **model_args)`` for detection.
 
