@@ -20,6 +20,30 @@ prompt-lookup decoding). Masked positions are zeroed before they enter a conv wi
 keys, so any padding side works without a cache, and a left-padded batch decodes exactly like its rows one by one;
 ``position_ids`` that restart inside a row mark packed sequences.
 
+Fast inference path (one interface for every operator)
+------------------------------------------------------
+Inference forwards (no autograd) take a faster route that every operator shares; it changes no result beyond float
+round-off (greedy fp32 generations equal the reference path token for token, tested). Two optional hooks:
+
+* ``packed_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}`` (class attribute): child ``Linear`` /
+  :class:`Int8Linear` layers that read the same input are multiplied as ONE packed matrix (one weight stream, one
+  kernel call). :func:`packed_linear` ``(module, "qkv", x)`` returns the tuple of their outputs; the packed matrix is
+  built on first use and the children's weights become views into it (no extra memory, checkpoint keys unchanged,
+  in-place weight updates stay visible), it is rebuilt when a weight was replaced (``.to(dtype)``, assignment) and
+  it is skipped (children run one by one) while autograd records, on meta / distributed tensors or mixed layer kinds.
+  :class:`SwiGLU` packs ``w1``/``w3`` (``"w13"``), :class:`GQAttention` ``q``/``k``/``v``; :class:`ShortConv`'s
+  ``in_proj`` is one matrix already.
+* ``step(x, ctx) -> Tensor``: the single-token decode step, called instead of ``forward`` when ``ctx.decode_step``
+  is True -- one new token per row (``x`` is ``[B, 1, hidden]``), a cache, no autograd, no attention
+  probabilities requested, the cache not recording its past. It reads and updates *in place* the per-layer state that
+  the operator's ``forward`` left in ``ctx.cache.layers[layer_idx]`` (a prefill runs ``forward``, every following
+  token runs ``step``), may use ``ctx.rope(...)``, ``ctx.key_mask`` / ``ctx.pad_mask`` like ``forward``, and must
+  return what ``forward`` would (to float round-off). Operators without ``step`` keep working: ``forward`` runs.
+
+The decoder layer, the final norm and the head are shared, so an operator that packs its projections and writes a
+``step`` (Nemotron-Flash-style DeltaNet / Mamba2 next) is on the fast path. ``model.set_decode_path("eager")``
+(:class:`HybridLM`; ``zoo generate --eager``) turns it off -- the reference path every speed claim is checked against.
+
 This module imports only PyTorch at import time; :func:`hf_model_classes` builds the transformers classes
 (``PreTrainedModel`` base model and causal LM, used by :mod:`zoo.language.lfm2`) on first use.
 """
@@ -40,7 +64,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = [
     "HybridConfig", "HybridCache", "HybridDecoder", "HybridLM", "OPERATORS", "register_operator",
     "RMSNorm", "SwiGLU", "ShortConv", "GQAttention", "ContextLengthError", "quantize_int8_", "Int8Linear",
-    "Int8Embedding", "HybridStaticCache", "causal_lm_loss", "hf_model_classes",
+    "Int8Embedding", "HybridStaticCache", "causal_lm_loss", "hf_model_classes", "packed_linear",
 ]
 
 
@@ -432,6 +456,13 @@ def _exporting() -> bool:
         return torch.compiler.is_compiling()
 
 
+@functools.lru_cache(maxsize=32)
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE inverse frequencies (made once per head size: the decode step should not rebuild them)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+
+
 @dataclass
 class ForwardContext:
     """What every operator needs for one forward call (built once by the decoder, shared by all layers)."""
@@ -443,15 +474,14 @@ class ForwardContext:
     cache: _HybridCacheState | None
     segments: torch.Tensor | None = None  # [B, T] packed-sequence ids (no cache); None = one sequence per row
     attentions: list | None = None  # a list to collect attention probabilities into (output_attentions)
+    decode_step: bool = False  # one new token per row, cached, no autograd: operators' ``step`` runs (module doc)
     _memo: dict = field(default_factory=dict)
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [B, 1, T, head_dim] (computed in fp32, cast like transformers does)."""
         key = ("rope", head_dim, theta, dtype)
         if key not in self._memo:
-            dev = self.positions.device
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=dev).float() / head_dim))
-            freqs = self.positions[..., None].float() * inv_freq
+            freqs = self.positions[..., None].float() * _inv_freq(head_dim, theta, self.positions.device)
             emb = torch.cat((freqs, freqs), dim=-1)[:, None]
             self._memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
         return self._memo[key]
@@ -622,6 +652,76 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class _PackedProjection:
+    """Several projections of the same input as one matrix (see ``packed_projections`` in the module docstring).
+
+    The children's weights are re-pointed to row blocks of the packed matrix, so it costs no memory and in-place
+    updates (optimizer steps, ``load_state_dict``) reach both; ``valid`` notices replaced weights by their address."""
+
+    def __init__(self, parts: list[nn.Module]):
+        self.sizes = [p.out_features for p in parts]
+        self.int8 = isinstance(parts[0], Int8Linear)
+        names = ("qweight", "scale") if self.int8 else ("weight", "bias")
+        with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: training may follow
+            packed = []
+            for name in names:
+                ts = [getattr(p, name) for p in parts]
+                if ts[0] is None:
+                    packed.append(None)
+                    continue
+                full = torch.cat([t.detach() for t in ts])
+                for p, view in zip(parts, full.split(self.sizes)):
+                    if isinstance(getattr(p, name), nn.Parameter):
+                        getattr(p, name).data = view
+                    else:
+                        p._buffers[name] = view
+                packed.append(full)
+        self.weight, self.extra = packed
+        self.ptrs = self._ptrs(parts)
+
+    def _ptrs(self, parts) -> tuple:
+        return tuple((p.qweight if self.int8 else p.weight).data_ptr() for p in parts) + (
+            self.weight.dtype, self.weight.device)
+
+    def valid(self, parts) -> bool:
+        return isinstance(parts[0], Int8Linear) == self.int8 and self._ptrs(parts) == self.ptrs
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.int8:
+            shape = x.shape
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.extra.to(x.dtype))
+            y = y.reshape(*shape[:-1], y.shape[-1])
+        else:
+            y = linear(x, self.weight, self.extra)
+        return y.split(self.sizes, dim=-1)
+
+
+def _packable(parts: list[nn.Module]) -> bool:
+    kinds = {type(p) for p in parts}
+    if len(kinds) != 1 or not (issubclass(next(iter(kinds)), nn.Linear) or kinds == {Int8Linear}):
+        return False
+    ts = [p.qweight if isinstance(p, Int8Linear) else p.weight for p in parts]
+    if any(type(t.data) is not torch.Tensor or t.device.type == "meta" for t in ts):
+        return False  # distributed / meta weights: leave them alone
+    if isinstance(parts[0], Int8Linear):
+        return all(p.bias is None for p in parts)  # (a bias is added outside the int8 kernel; none here)
+    same = {(t.dtype, t.device, t.shape[1]) for t in ts}
+    return len(same) == 1 and len({p.bias is None for p in parts}) == 1
+
+
+def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The outputs of the projections ``module.packed_projections[name]`` on ``x``: one packed matrix product during
+    inference, the children one by one while autograd records (or when they cannot be packed)."""
+    parts = [getattr(module, c) for c in module.packed_projections[name]]
+    if torch.is_grad_enabled() or not _packable(parts):
+        return tuple(p(x) for p in parts)
+    packs = module.__dict__.setdefault("_zoo_packed", {})
+    pk = packs.get(name)
+    if pk is None or not pk.valid(parts):
+        packs[name] = pk = _PackedProjection(parts)
+    return pk(x)
+
+
 # ---------------------------------------------------------------------------------------------- layers
 
 
@@ -651,8 +751,13 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(dim, hidden, bias=False)
         self.w2 = Linear(hidden, dim, bias=False)
 
+    packed_projections = {"w13": ("w1", "w3")}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = packed_linear(self, "w13", x)
+        if torch.is_grad_enabled():
+            return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(gate).mul_(up))  # inference: one buffer fewer, same numbers
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -701,6 +806,22 @@ class ShortConv(nn.Module):
         if self.conv.bias is not None:
             z = z + self.conv.bias.to(z.dtype)
         return self.out_proj(c * z)
+
+    def step(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One token per row: the conv window is updated in place (no new state tensor per step)."""
+        st, k = ctx.cache.layers[self.layer_idx], self.kernel_size
+        if k == 1 or st is None or st.dtype != x.dtype:
+            return self.forward(x, ctx)
+        b, c, xs = self.in_proj(x).chunk(3, dim=-1)
+        y = b * xs  # [B, 1, d]
+        if ctx.pad_mask is not None:
+            y.mul_(ctx.pad_mask[..., None].to(y.dtype))
+        window = torch.cat([st, y], dim=1)  # [B, k, d], as forward builds it
+        z = (window * self.conv.weight[:, 0, :].t()).sum(1, keepdim=True)
+        st.copy_(window[:, 1:])
+        if self.conv.bias is not None:
+            z = z + self.conv.bias.to(z.dtype)
+        return self.out_proj(c.mul_(z))
 
 
 @register_operator("full_attention")
@@ -753,6 +874,30 @@ class GQAttention(nn.Module):
             )
         return self.out_proj(o.transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim))
 
+    packed_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
+
+    def step(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """One query per row: packed q/k/v product, the KV buffer written in place, and grouped attention as two
+        small batched products (the fused SDPA kernel costs more than the arithmetic for a single query)."""
+        bsz, hd, kvh = x.shape[0], self.head_dim, self.num_kv_heads
+        q, k, v = packed_linear(self, "qkv", x)
+        q = self.q_layernorm(q.view(bsz, 1, self.num_heads, hd)).transpose(1, 2)
+        k = self.k_layernorm(k.view(bsz, 1, kvh, hd)).transpose(1, 2)
+        v = v.view(bsz, 1, kvh, hd).transpose(1, 2)
+        cos, sin = ctx.rope(hd, self.rope_theta, q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        k, v = ctx.cache.kv_buffer(self.layer_idx).append(k, v)  # [B, kv_heads, S, hd]
+        scores = torch.matmul(q.reshape(bsz, kvh, -1, hd), k.transpose(2, 3)).mul_(hd**-0.5)  # [B, kvh, rep, S]
+        if ctx.key_mask is not None:
+            keep = ctx._memo.get("step_keys")
+            if keep is None:  # padded keys are invisible; the new (real) token always sees itself
+                keep = ctx._memo["step_keys"] = F.pad(ctx.key_mask[:, :-1], (0, 1), value=True)[:, None, None]
+            scores.masked_fill_(~keep, float("-inf"))
+        probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(v.dtype)
+        o = torch.matmul(probs, v)  # [B, kvh, rep, hd]: heads in q_proj order
+        return self.out_proj(o.reshape(bsz, 1, self.num_heads * hd))
+
 
 class DecoderLayer(nn.Module):
     # transformers' activation-checkpointing protocol: PreTrainedModel.gradient_checkpointing_enable() sets these
@@ -772,7 +917,11 @@ class DecoderLayer(nn.Module):
         self.feed_forward = SwiGLU(config.hidden_size, config.intermediate_size) if has_ffn else None
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        x = x + getattr(self, self.op_name)(self.operator_norm(x), ctx)
+        op = getattr(self, self.op_name)
+        if ctx.decode_step and hasattr(op, "step"):  # the fast single-token path (module docstring)
+            x = x + op.step(self.operator_norm(x), ctx)
+        else:
+            x = x + op(self.operator_norm(x), ctx)
         if self.feed_forward is None:
             return x
         return x + self.feed_forward(self.ffn_norm(x))
@@ -792,6 +941,7 @@ def run_decoder(
     """The layer stack and final norm over embeddings ``x``. With ``hidden_states`` (a list) it collects what
     transformers returns for ``output_hidden_states``: the embeddings, every layer's output, the last one normed."""
     ckpt_ok = module.training and torch.is_grad_enabled()
+    ctx.decode_step = ctx.decode_step and hidden_states is None and getattr(module, "decode_path", "fast") == "fast"
     for layer in module.layers:
         if hidden_states is not None:
             hidden_states.append(x)
@@ -808,6 +958,8 @@ def run_decoder(
 
 class HybridDecoder(nn.Module):
     """Embedding, the layer stack and the final ``embedding_norm`` (transformers' ``Lfm2Model`` layout)."""
+
+    decode_path = "fast"  # or "eager": the reference path (no operator ``step``); see HybridLM.set_decode_path
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -955,7 +1107,10 @@ def build_context(
         cache.key_mask = key_mask
         if new_mask is not None or cache.next_position is not None:
             cache.next_position = position_ids[:, -1] + 1
-    return ForwardContext(position_ids, new_mask, key_mask, past, cache, segments, [] if output_attentions else None)
+    step = (cache is not None and t == 1 and not output_attentions and segments is None and not cache.record_past
+            and not torch.is_grad_enabled())
+    return ForwardContext(position_ids, new_mask, key_mask, past, cache, segments, [] if output_attentions else None,
+                          decode_step=step)
 
 
 class HybridLM(nn.Module):
@@ -1004,6 +1159,15 @@ class HybridLM(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {n for n, p in self.named_parameters() if p.ndim < 2}
+
+    def set_decode_path(self, path: str = "fast") -> "HybridLM":
+        """``"fast"`` (default): single-token inference forwards run the operators' ``step`` with packed projections
+        (module docstring); ``"eager"``: every forward runs ``forward`` (the reference the fast path is tested
+        against). Returns the model."""
+        if path not in ("fast", "eager"):
+            raise ValueError(f"decode path must be 'fast' or 'eager', got {path!r}")
+        self.model.decode_path = path
+        return self
 
     def new_cache(self, max_length: int = 0, static: bool = False) -> "HybridCache":
         """An empty decode cache; ``max_length`` pre-sizes the KV buffers (they grow when needed), or with

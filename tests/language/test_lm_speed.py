@@ -1,0 +1,163 @@
+"""The fast inference path of the hybrid decoder (packed projections + operators' single-token ``step``) is exact:
+greedy fp32 generations equal the eager reference path token for token over 64 tokens, alone and in a left-padded
+mixed-length batch; bf16 / int8 logits stay within documented tolerances of their own eager path; packing costs no
+memory and follows weight changes; a new operator plugs in through ``step`` (or falls back to ``forward``).
+Speed itself is measured in benchmarks/bench_lfm2.py, not here."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import zoo
+from zoo.language.hybrid import HybridConfig, HybridLM, register_operator
+
+TINY = dict(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+            layer_types=["conv", "full_attention", "conv", "conv", "full_attention"], max_position_embeddings=160)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    fast = zoo.create_model("lfm2_350m", **TINY).eval()
+    with torch.no_grad():  # non-trivial norms so a skipped norm in a step cannot hide
+        for n, p in fast.named_parameters():
+            if "norm" in n:
+                p.mul_(1 + 0.3 * torch.randn_like(p))
+    eager = copy.deepcopy(fast).set_decode_path("eager")
+    return fast, eager
+
+
+def _step_logits(m, ids, mask=None, steps=12):
+    """Logits of a prefill and `steps` greedy single-token steps (the decode loop of generate / the benchmark)."""
+    cache = m.new_cache()
+    with torch.inference_mode():
+        lg = m(ids, attention_mask=mask, cache=cache)[:, -1]
+        out = [lg]
+        for _ in range(steps):
+            lg = m(lg.argmax(-1)[:, None], cache=cache)[:, -1]
+            out.append(lg)
+    return torch.stack(out, 1).float()
+
+
+def test_fp32_greedy_equals_eager_over_64_tokens_alone_and_left_padded(pair):
+    fast, eager = pair
+    calls = []
+    attn = fast.model.layers[1].self_attn
+    orig = type(attn).step
+    type(attn).step = lambda self, x, ctx: (calls.append(1), orig(self, x, ctx))[1]
+    try:
+        ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+        got = fast.generate(ids, max_new_tokens=64, eos_token_id=None)
+    finally:
+        type(attn).step = orig
+    assert len(calls) == 2 * 63  # both attention layers took the step path for every decoded token after the first
+    assert torch.equal(got, eager.generate(ids, max_new_tokens=64, eos_token_id=None))
+    # left-padded batch of mixed lengths (what batched serving does)
+    ids = torch.randint(1, 96, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :6], mask[1, :3] = 0, 0
+    assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=None),
+                       eager.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=None))
+    torch.testing.assert_close(_step_logits(fast, ids, mask), _step_logits(eager, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_packing_is_free_and_follows_weight_changes(pair):
+    fast, _ = pair
+    m = copy.deepcopy(fast)
+    keys = list(m.state_dict())
+    n_bytes = sum(p.numel() for p in m.parameters())
+    ids = torch.randint(1, 96, (1, 6))
+    want = _step_logits(m, ids, steps=3)
+    ffn = m.model.layers[0].feed_forward
+    packed = ffn._zoo_packed["w13"].weight
+    assert ffn.w1.weight.data_ptr() == packed.data_ptr() and ffn.w3.weight.untyped_storage().data_ptr() == \
+        packed.untyped_storage().data_ptr()  # the children are views: no second copy of the weights
+    assert list(m.state_dict()) == keys and sum(p.numel() for p in m.parameters()) == n_bytes
+    with torch.no_grad():  # in-place updates reach the packed matrix (shared storage)
+        ffn.w3.weight.mul_(2)
+    changed = _step_logits(m, ids, steps=3)
+    assert not torch.allclose(changed, want)
+    with torch.no_grad():  # a replaced weight is noticed and repacked
+        ffn.w3.weight = torch.nn.Parameter(ffn.w3.weight / 2)
+    torch.testing.assert_close(_step_logits(m, ids, steps=3), want, rtol=1e-6, atol=1e-6)
+    # training after inference: gradients reach every child weight
+    m.train()
+    m(ids).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None for n, p in m.named_parameters() if "feed_forward" in n or "self_attn" in n)
+    # a saved / reloaded model keeps its numbers (shared storages are written as separate tensors)
+    re = HybridLM(m.config).eval()
+    re.load_state_dict(m.state_dict())
+    torch.testing.assert_close(_step_logits(re, ids, steps=3), _step_logits(m.eval(), ids, steps=3))
+
+
+def test_bf16_and_int8_fast_paths_stay_within_tolerance_of_their_eager_paths(pair):
+    """Documented tolerances: bf16 fast vs bf16 eager max |dlogit| <= 2% of max |logit|; int8 (bf16 activations)
+    fast vs int8 eager <= 2%; both are round-off of the same low-precision arithmetic in another order."""
+    from zoo.language.hybrid import quantize_int8_
+
+    fast, _ = pair
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    lowp = {"bf16": copy.deepcopy(fast).to(torch.bfloat16)}
+    if hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        lowp["int8"] = quantize_int8_(copy.deepcopy(fast))
+    for name, m in lowp.items():
+        got = _step_logits(m.set_decode_path("fast"), ids, mask, steps=6)
+        want = _step_logits(m.set_decode_path("eager"), ids, mask, steps=6)
+        rel = (got - want).abs().max().item() / want.abs().max().item()
+        assert rel <= 0.02, (name, rel)
+    if "int8" in lowp:
+        assert "qkv" in lowp["int8"].model.layers[1].self_attn._zoo_packed  # int8 projections are packed too
+
+
+def test_operators_plug_into_the_fast_path_with_step_or_fall_back_to_forward():
+    calls = {"step": 0, "forward": 0}
+
+    @register_operator("test_scaled_mixer")
+    class ScaledMixer(torch.nn.Module):
+        module_name = "mixer"
+        packed_projections = {"ab": ("a", "b")}
+
+        def __init__(self, config, layer_idx):
+            super().__init__()
+            self.a = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+            self.b = torch.nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+        def forward(self, x, ctx):
+            calls["forward"] += 1
+            return self.a(x) * self.b(x)
+
+        def step(self, x, ctx):
+            calls["step"] += 1
+            from zoo.language.hybrid import packed_linear
+
+            a, b = packed_linear(self, "ab", x)
+            return a * b
+
+    @register_operator("test_plain_mixer")
+    class PlainMixer(torch.nn.Module):
+        module_name = "mixer"
+
+        def __init__(self, config, layer_idx):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(config.hidden_size))
+
+        def forward(self, x, ctx):
+            return x * self.scale
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                       num_key_value_heads=1, layer_types=("conv", "test_scaled_mixer", "test_plain_mixer",
+                                                           "full_attention"))
+    m = HybridLM(cfg).eval()
+    ids = torch.randint(0, 32, (1, 4))
+    got = m.generate(ids, max_new_tokens=6, eos_token_id=None)
+    assert calls == {"step": 5, "forward": 1}  # prefill runs forward, every later token the operator's step
+    assert "ab" in m.model.layers[1].mixer._zoo_packed
+    assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=6,
+                                                                               eos_token_id=None))
+    with pytest.raises(ValueError, match="'fast' or 'eager'"):
+        m.set_decode_path("compiled")
