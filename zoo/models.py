@@ -7,3 +7,5 @@ import zoo.vision.fastvit  # noqa: F401
 import zoo.vision.fmvit  # noqa: F401
 import zoo.vision.mobileclip  # noqa: F401
 import zoo.vision.pp_mobileseg  # noqa: F401
+import zoo.vision.yolov10  # noqa: F401
+import zoo.vision.doclayout_yolo  # noqa: F401

@@ -62,6 +62,15 @@ PAPERS: dict[str, Paper] = {
     "2311.05707": Paper(
         "tan2023fmvit", "FMViT: A multiple-frequency mixing Vision Transformer",
         ("Wei Tan", "Yifeng Geng", "Xuansong Xie"), 2023, short="FMViT"),
+    "2405.14458": Paper(
+        "wang2024yolov10", "YOLOv10: Real-Time End-to-End Object Detection",
+        ("Ao Wang", "Hui Chen", "Lihao Liu", "Kai Chen", "Zijia Lin", "Jungong Han", "Guiguang Ding"), 2024,
+        "Advances in Neural Information Processing Systems (NeurIPS)", short="YOLOv10"),
+    "2410.12628": Paper(
+        "zhao2024doclayoutyolo",
+        "DocLayout-YOLO: Enhancing Document Layout Analysis through Diverse Synthetic Data and Global-to-Local "
+        "Adaptive Perception",
+        ("Zhiyuan Zhao", "Hengrui Kang", "Bin Wang", "Conghui He"), 2024, short="DocLayout-YOLO"),
 }
 
 
