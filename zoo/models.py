@@ -3,6 +3,7 @@ import zoo.vision.nextvit  # noqa: F401
 import zoo.vision.mobiledets  # noqa: F401
 import zoo.snn.iir_snn  # noqa: F401
 import zoo.language.lfm2  # noqa: F401
+import zoo.language.nemotron_flash  # noqa: F401
 import zoo.vision.fastvit  # noqa: F401
 import zoo.vision.fmvit  # noqa: F401
 import zoo.vision.mobileclip  # noqa: F401

@@ -80,6 +80,19 @@ def _resolve(source: str, cache_dir: str | None) -> Path:
         ) from e
 
 
+def _folder_loader(folder: Path):
+    """The family loader for an HF-layout folder, chosen by its config.json ``model_type``."""
+    import json
+
+    cfg = folder / "config.json"
+    mt = json.loads(cfg.read_text()).get("model_type") if cfg.exists() else None
+    if mt in ("nemotron_flash", "zoo_nemotron_flash"):
+        from zoo.language.nemotron_flash import load_pretrained
+    else:
+        from zoo.language.lfm2 import load_pretrained
+    return load_pretrained
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="zoo generate", description=__doc__.split("\n\n")[0])
     ap.add_argument("model", help="folder (HF LFM2 layout with tokenizer.json) or registered name with weights")
@@ -101,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from tokenizers import Tokenizer
 
-    from zoo.language.lfm2 import load_pretrained
-
     folder = _resolve(args.model, args.cache_dir)
+    load_pretrained = _folder_loader(folder)
     tok_file = Path(args.tokenizer) if args.tokenizer else folder / "tokenizer.json"
     if not tok_file.exists():
         raise SystemExit(f"zoo generate: no tokenizer at {tok_file}; pass --tokenizer PATH/tokenizer.json")

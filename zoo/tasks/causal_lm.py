@@ -83,6 +83,10 @@ def load_causal_lm(spec: str, args: dict[str, Any] | None = None) -> torch.nn.Mo
             from zoo.language.lfm2 import load_pretrained
 
             return load_pretrained(p, **args)
+        if mt in ("nemotron_flash", "zoo_nemotron_flash"):
+            from zoo.language.nemotron_flash import load_pretrained
+
+            return load_pretrained(p, **args)
     elif zoo.is_model(spec):
         return zoo.create_model(spec, **args)
     from transformers import AutoModelForCausalLM
@@ -114,6 +118,8 @@ class CausalLM(L.LightningModule):
         export_dir: at the end of fit write the trained model in the HF LFM2 layout (config.json, model.safetensors,
             and the DataModule's tokenizer for transformers and ``zoo generate``) here; default ``<log_dir>/hf``;
             ``""`` disables.
+        weight_norm: after every optimizer step (and once before training) project the weights with the model's
+            ``normalize_weights_()`` -- Nemotron-Flash's weight normalisation (``recipes/nemotron_flash``).
         fsdp_param_dtype: under ``ModelParallelStrategy`` (FSDP2, see ``recipes/lfm2/fsdp_1_2b.yaml``) the dtype the
             sharded parameters are gathered in for compute (e.g. ``bfloat16``; gradients are reduced in fp32);
             ``None`` computes in the parameters' dtype.
@@ -142,6 +148,7 @@ class CausalLM(L.LightningModule):
         distill_alpha: float = 0.5,
         export_dir: str | None = None,
         fsdp_param_dtype: str | None = None,
+        weight_norm: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -162,6 +169,11 @@ class CausalLM(L.LightningModule):
         self.model = zoo.create_model(self.hparams.model_name, **args)
         if self.hparams.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
+        if self.hparams.weight_norm and not hasattr(self.model, "normalize_weights_"):
+            raise ValueError(
+                f"weight_norm=True needs a model with normalize_weights_() (e.g. nemotron_flash_*); "
+                f"{self.hparams.model_name} has none"
+            )
         if self.hparams.compile:
             self.model = torch.compile(self.model)
 
@@ -233,6 +245,16 @@ class CausalLM(L.LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         out = self.model(input_ids, attention_mask) if attention_mask is not None else self.model(input_ids)
         return out.logits if hasattr(out, "logits") else out
+
+    def _normalize_weights(self) -> None:
+        if self.hparams.weight_norm:
+            getattr(self.model, "_orig_mod", self.model).normalize_weights_()
+
+    def on_fit_start(self) -> None:
+        self._normalize_weights()  # start on the constraint set, not only after the first step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._normalize_weights()  # after the optimizer step (idempotent between accumulation steps)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
