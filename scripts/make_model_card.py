@@ -16,6 +16,7 @@ rows), written whenever latency is measured; nothing is timed unless ``--latency
     python scripts/make_model_card.py --check                          # exit 1 if the card's rows are out of date
     python scripts/make_model_card.py --check --models 'snn_*'         # check only some rows (fast)
     python scripts/make_model_card.py --latency-json bench.json        # latency from an earlier `zoo bench --json`
+    python scripts/make_model_card.py --results-only                   # only the tables from benchmarks/results/
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import datetime
 import fnmatch
 import json
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -43,6 +45,16 @@ LATENCY_RUNTIMES = ("eager", "deploy", "onnxruntime")
 # The latency cells come from this committed file, written when latency is measured (``--latency-models``): the
 # figures keep the command, date, machine and versions that produced them, and ``--check`` stays deterministic.
 LATENCY_RESULTS = ROOT / "benchmarks" / "results" / "model_card_latency.json"
+# Measured tables in the hand-written sections are generated too. The card holds
+#     <!-- results FILE.json TABLE -->
+#     ... (generated: the table, then a line naming its source) ...
+#     <!-- end results -->
+# and the lines between the markers are rendered from table TABLE of benchmarks/results/FILE.json, written by the
+# script that measured it (``zoo.bench.write_results``: command, date, machine, versions, "tables"). Figures from runs
+# made before results files existed carry "provenance": "transcribed" and say where they were first recorded.
+# To add a table: commit its results file, put the two marker lines in the card, run `make model-card`.
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+RESULTS_BLOCK = re.compile(r"^<!-- results (\S+) (\S+) -->\n(.*?)^<!-- end results -->$", re.S | re.M)
 
 
 def _meta_stats(name: str) -> dict:
@@ -127,6 +139,59 @@ def write_latency_results(lat: dict[tuple[str, str], dict], args) -> Path:
     return path
 
 
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return format(v, "g")
+    return str(v)
+
+
+def render_results_table(file: str, table: str) -> str:
+    """The markdown of table ``table`` of ``benchmarks/results/<file>`` and a line naming its source."""
+    path = RESULTS_DIR / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: results file named in MODEL_CARD.md does not exist")
+    doc = json.loads(path.read_text())
+    t = (doc.get("tables") or {}).get(table)
+    if t is None:
+        raise KeyError(f"{path}: no table {table!r} (has {sorted(doc.get('tables') or {})})")
+    lines = ["| " + " | ".join(t["columns"]) + " |", "|" + "---|" * len(t["columns"])]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in t["rows"]]
+    m = doc.get("machine") or {}
+    transcribed = doc.get("provenance") == "transcribed"
+    how = f"`{doc.get('command', '?')}`, {str(doc.get('date', '?'))[:10]}"
+    how += "".join(f", {k} {m[k]}" for k in ("torch", "timm") if m.get(k))
+    if m.get("cpu_count"):
+        how += f", {m['cpu_count']} CPUs"
+    la = m.get("load_average")
+    if la:  # a measured file records the 1-minute load at the end; a transcribed one the range the card quoted
+        how += f", load average {'-'.join(f'{x:g}' for x in la) if transcribed else format(la[0], '.1f')}"
+    if transcribed:
+        how += f"; transcribed: {doc.get('transcribed_from', 'an earlier single run, origin not recorded')}"
+    lines += ["", f"<sub>Source: `benchmarks/results/{file}` ({how}).</sub>"]
+    return "\n".join(lines) + "\n"
+
+
+def fill_results_blocks(text: str) -> str:
+    """``text`` with every results block regenerated from its results file."""
+    return RESULTS_BLOCK.sub(lambda m: f"<!-- results {m[1]} {m[2]} -->\n{render_results_table(m[1], m[2])}"
+                                       f"<!-- end results -->", text)
+
+
+def check_results_blocks(text: str) -> list[str]:
+    problems = []
+    for m in RESULTS_BLOCK.finditer(text):
+        try:
+            want = render_results_table(m[1], m[2])
+        except (OSError, KeyError, ValueError) as e:
+            problems.append(f"results block {m[1]} {m[2]}: {e}")
+            continue
+        if m[3] != want:
+            problems.append(f"results block {m[1]} {m[2]}: the card's table differs from benchmarks/results/{m[1]}")
+    return problems
+
+
 def table_row(name: str, lat: dict[tuple[str, str], dict]) -> tuple[str, list[str]]:
     """One model's row of the generated table, and its notes."""
     entry, tag, cfg = resolve_cfg(name)
@@ -172,6 +237,7 @@ def check_card(card: str, args) -> list[str]:
             problems.append(f"`{name}`: the card says\n    {have}\n  the registry gives\n    {want}")
     if not patterns:
         problems += [f"`{n}`: row in the card but not registered" for n in rows if n not in set(names)]
+    problems += check_results_blocks(card)
     return problems
 
 
@@ -227,6 +293,8 @@ def main(argv=None) -> int:
                    help="write nothing; exit 1 (listing the differences) if the card's table disagrees with the "
                         "registry and the latency results, 0 if it agrees")
     p.add_argument("--print", action="store_true", help="print the table instead of writing the file")
+    p.add_argument("--results-only", action="store_true",
+                   help="only regenerate the measured tables from benchmarks/results/*.json (seconds; builds no model)")
     args = p.parse_args(argv)
 
     if args.check:
@@ -239,6 +307,11 @@ def main(argv=None) -> int:
             return 1
         print(f"{out}: generated table up to date")
         return 0
+    if args.results_only:
+        out = Path(args.output)
+        out.write_text(fill_results_blocks(out.read_text()))
+        print(f"wrote the results tables of {out}")
+        return 0
     table = build_table(args)
     if args.print:
         print(table)
@@ -249,7 +322,7 @@ def main(argv=None) -> int:
         rest = old.split(MARKER, 1)[1]
     else:  # first run: whatever was there becomes the hand-written part
         rest = "\n\n" + old if old.strip() else "\n"
-    out.write_text(table + "\n" + MARKER + rest)
+    out.write_text(table + "\n" + MARKER + fill_results_blocks(rest))
     print(f"wrote {out}")
     return 0
 

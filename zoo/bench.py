@@ -414,6 +414,40 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike, settings
     return path
 
 
+def write_results(path: str | os.PathLike, tables: dict[str, dict[str, Any]], *, command: str | None = None,
+                  settings: dict[str, Any] | None = None, notes: str = "") -> Path:
+    """Write measured figures as a small results file that MODEL_CARD tables are generated from.
+
+    ``tables`` maps a table name to ``{"columns": [...], "rows": [[...], ...]}`` (cells: numbers or short strings, as
+    the card shows them). The file also records how the figures were produced: the command (default: this process's
+    argv), the UTC date, the machine and load average, the versions, ``settings`` and ``notes``. Written atomically.
+    ``scripts/make_model_card.py`` renders a table between ``<!-- results FILE TABLE -->`` and ``<!-- end results -->``.
+    """
+    import datetime
+
+    for name, t in tables.items():
+        cols, rows = t.get("columns"), t.get("rows")
+        if not cols or rows is None or any(len(r) != len(cols) for r in rows):
+            raise ValueError(f"results table {name!r}: needs 'columns' and 'rows' of {len(cols or [])} cells each")
+    path = Path(path)
+    doc = {
+        "command": command or " ".join([Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python",
+                                        *sys.argv[1:]]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "provenance": "measured",
+        "machine": {**environment(), "node": platform.node(),
+                    "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},
+        "settings": settings or {},
+        "notes": notes,
+        "tables": tables,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Points not beaten by another with lower-or-equal latency and higher-or-equal accuracy, by latency."""
     front, best = [], -math.inf
