@@ -167,3 +167,19 @@ def test_bad_inputs_are_named(model):
     with pytest.raises(ValueError, match="mamba_headdim=7"):
         hybrid(("mamba2",), mamba_headdim=7)
     assert isinstance(model.model.layers[2].mamba, Mamba2)
+
+
+def test_fast_step_path_equals_eager_forward_path():
+    m = hybrid(mamba_ngroups=2, seed=2)
+    ids = torch.randint(1, 64, (2, 10), generator=torch.Generator().manual_seed(5))
+    calls = []
+    hooks = [mod.register_forward_hook(lambda *a: calls.append(1)) for mod in m.modules() if isinstance(mod, Mamba2)]
+    with torch.no_grad():
+        fast = m.generate(ids, max_new_tokens=6)
+        n_forward = len(calls)  # the prefill only: decoding ran the operators' step
+        eager = m.set_decode_path("eager").generate(ids, max_new_tokens=6)
+        m.set_decode_path("fast")
+    for h in hooks:
+        h.remove()
+    assert n_forward == 1 and len(calls) == 1 + 6
+    assert torch.equal(fast, eager)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.language.hybrid import Linear, RMSNorm, SwiGLU, register_operator
+from zoo.language.hybrid import Linear, RMSNorm, SwiGLU, packed_linear, register_operator
 
 __all__ = [
     "DeltaNet", "Mamba2", "FFNOnly", "RecurrentState", "delta_rule_chunked", "delta_rule_recurrent",
@@ -208,6 +208,34 @@ class DeltaNet(nn.Module):
         o = self.o_norm(o.transpose(1, 2).to(x.dtype))
         return self.o_proj(o.reshape(bsz, t, d))
 
+    # the hybrid decoder's fast inference path (zoo.language.hybrid module docstring)
+    packed_projections = {"qkvb": ("q_proj", "k_proj", "v_proj", "b_proj")}
+
+    def step(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """One token per row: packed q/k/v/b product, conv window and delta-rule state updated in place."""
+        st = ctx.cache.layers[self.layer_idx]
+        if st is None or st.conv is None or st.conv.dtype != x.dtype:
+            return self.forward(x, ctx)
+        bsz, d, h, hd = x.shape[0], x.shape[-1], self.num_heads, self.head_dim
+        q, k, v, b = packed_linear(self, "qkvb", x)
+        qkv = torch.cat([q, k, v], -1)  # [B, 1, 3d]
+        if ctx.pad_mask is not None:
+            qkv.mul_(ctx.pad_mask[..., None].to(qkv.dtype))
+        window = torch.cat([st.conv, qkv], 1)  # [B, k, 3d]
+        w = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0)[:, 0, :].t()
+        qkv = F.silu((window * w.to(x.dtype)).sum(1))  # [B, 3d]
+        st.conv.copy_(window[:, 1:])
+        q, k, v = (z.reshape(bsz, h, 1, hd).float() for z in qkv.split(d, -1))
+        q, k = _l2norm(q) * hd**-0.5, _l2norm(k)
+        beta = torch.sigmoid(b.float()).reshape(bsz, h, 1, 1)
+        if ctx.pad_mask is not None:
+            beta = beta * ctx.pad_mask.reshape(bsz, 1, 1, 1).to(beta.dtype)
+        s = st.ssm  # [B, H, dk, dv] fp32
+        u = (v - k @ s).mul_(beta)  # [B, H, 1, dv]
+        s.add_(k.transpose(-1, -2) @ u)
+        o = self.o_norm((q @ s).transpose(1, 2).to(x.dtype))  # [B, 1, H, dv]
+        return self.o_proj(o.reshape(bsz, 1, d))
+
 
 # ---------------------------------------------------------------------------------------------- Mamba2 (SSD)
 
@@ -354,6 +382,37 @@ class Mamba2(nn.Module):
         if st is not None:
             st.ssm = s.detach()
         y = gated_rms_norm(y.reshape(bsz, t, self.d_inner), z, self.norm.weight, self.norm_eps, self.ngroups)
+        return self.out_proj(y.to(x.dtype))
+
+    def step(self, x: torch.Tensor, ctx: Any) -> torch.Tensor:
+        """One token per row (the hybrid decoder's fast path): conv window and SSM state updated in place."""
+        st = ctx.cache.layers[self.layer_idx]
+        if st is None or st.conv is None or st.conv.dtype != x.dtype:
+            return self.forward(x, ctx)
+        bsz = x.shape[0]
+        z, xbc, dt = self.in_proj(x)[:, 0].split([self.d_inner, self.conv_dim, self.nheads], -1)
+        if ctx.pad_mask is not None:
+            xbc = xbc * ctx.pad_mask[:, -1:].to(xbc.dtype)
+        window = torch.cat([st.conv, xbc[:, None]], 1)  # [B, k, C]
+        xbc = (window * self.conv1d.weight[:, 0, :].t().to(x.dtype)).sum(1)
+        if self.conv1d.bias is not None:
+            xbc = xbc + self.conv1d.bias.to(xbc.dtype)
+        st.conv.copy_(window[:, 1:])
+        gn, h, p = self.ngroups * self.d_state, self.nheads, self.headdim
+        xs, b, c = F.silu(xbc).float().split([self.d_inner, gn, gn], -1)
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # [B, H]
+        if ctx.pad_mask is not None:
+            dt = dt * ctx.pad_mask[:, -1:].to(dt.dtype)
+        xs = xs.reshape(bsz, h, p)
+        rep = h // self.ngroups
+        b = b.reshape(bsz, self.ngroups, 1, 1, self.d_state)
+        c = c.reshape(bsz, self.ngroups, 1, self.d_state, 1)
+        s = st.ssm.view(bsz, self.ngroups, rep, p, self.d_state)  # [B, H, P, N] fp32, grouped
+        s.mul_(torch.exp(dt * -torch.exp(self.A_log.float())).view(bsz, self.ngroups, rep, 1, 1))
+        s.add_((dt[..., None] * xs).view(bsz, self.ngroups, rep, p, 1) * b)
+        y = (s @ c).reshape(bsz, h, p) + xs * self.D.float()[:, None]
+        y = gated_rms_norm(y.reshape(bsz, 1, self.d_inner), z[:, None], self.norm.weight, self.norm_eps,
+                           self.ngroups)
         return self.out_proj(y.to(x.dtype))
 
 
