@@ -1,22 +1,31 @@
-"""LFM2-350M on CPU: prefill and decode speed of the zoo port vs transformers' Lfm2ForCausalLM (same random
-weights, same process, interleaved runs), the memory-bandwidth bound of decoding, bf16 / int8 paths and the peak
-resident memory of loading + generating.
+"""LFM2 on CPU against the machine's limits: decode vs the memory-bandwidth bound, prefill vs the peak GEMM rate,
+batched decode, the zoo's fast path vs its eager reference vs transformers' Lfm2ForCausalLM (same random weights,
+one process, interleaved runs), for fp32, bf16 and int8 weight-only; writes benchmarks/results/lfm2_speed.json,
+from which MODEL_CARD.md's LFM2 speed tables are generated (`make model-card`).
 
-    python benchmarks/bench_lfm2.py                       # threads = all cores, 512-token prompt, 32 decode steps
-    python benchmarks/bench_lfm2.py --threads 2 --json out.json
+    python benchmarks/bench_lfm2.py --threads 2                     # LFM2-350M, contexts 64 and 2048 (minutes)
+    python benchmarks/bench_lfm2.py --tiny --json /tmp/x.json       # smoke run on a tiny config
+    python benchmarks/bench_lfm2.py --rss                           # also the peak RSS of load + generate
 
 Definitions
-- prefill tok/s: a ``--prompt-len`` token prompt at batch 1 through the model with a fresh cache, next-token logits
-  only (``logits_to_keep=1``; what ``generate`` does), divided into the prompt length. Median of ``--repeats``.
-- decode tok/s: single-token steps with the cache after that prompt (model forward + argmax), median step time.
-- bandwidth bound: bytes of weights read per decoded token (every weight once; the tied embedding is read in full
-  as the output head) / the machine's measured read bandwidth (streaming sum over a 1 GiB buffer, same threads).
-- peak RSS: a fresh child process loads a saved fp32 checkpoint folder and generates (``ru_maxrss``), compared to the
-  weight bytes plus the decode cache bytes.
+- decode tok/s (batch 1): median time of single-token steps (forward + argmax) after a cache holding ``context``
+  tokens, each round starting from a copy of the same prefilled cache.
+- bandwidth bound: bytes read per decoded token -- every weight once (the tied embedding in full, as the head; int8:
+  int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth
+  (best of 3 streaming sums over a 1 GiB buffer, same threads) measured in every round between the paths; the
+  percentages use the median bandwidth of the rounds.
+- prefill tok/s: a ``--prefill-len`` prompt at batch 1 with a fresh cache, next-token logits only; its bound is the
+  prompt's FLOPs (2 x non-embedding linear weights per token + causal attention + one head row) at the peak GEMM rate
+  (best of 3 [prefill-len x hidden] @ [hidden x ffn] products in that dtype, measured in every round).
+- batched decode: ``--batch-sizes`` rows of left-padded prompts of mixed lengths (half to all of the shortest
+  context), decode tokens/s = rows / step time.
+- eager = ``model.set_decode_path("eager")`` (every token through ``forward``); fast = the default (operators'
+  ``step``, packed projections). Both compute the same tokens (tests/language/test_lm_speed.py).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -28,21 +37,42 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "lfm2_speed.json"
+TINY = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
+            layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=4096)
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    x = torch.ones(int(gib * (1 << 30)) // 4)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(repeats))
-    del x
-    return (gib * (1 << 30)) / best
+def _best(fn, n: int = 3) -> float:
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
 
 
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+class Limits:
+    """Read bandwidth and peak GEMM rate, sampled between the measured paths (the load moves both)."""
+
+    def __init__(self, gib: float, hidden: int, ffn: int, m: int):
+        self.buf = torch.ones(int(gib * (1 << 30)) // 4)
+        self.bytes = self.buf.numel() * 4
+        self.mats = {dt: (torch.randn(m, hidden).to(dt), torch.randn(hidden, ffn).to(dt))
+                     for dt in (torch.float32, torch.bfloat16)}
+        self.bw: list[float] = []
+        self.gemm: dict[torch.dtype, list[float]] = {dt: [] for dt in self.mats}
+
+    def sample_bw(self) -> float:
+        self.bw.append(self.bytes / _best(self.buf.sum))
+        return self.bw[-1]
+
+    def sample_gemm(self, dt: torch.dtype) -> float:
+        a, b = self.mats[dt]
+        a @ b
+        self.gemm[dt].append(2 * a.shape[0] * a.shape[1] * b.shape[1] / _best(lambda: a @ b))
+        return self.gemm[dt][-1]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -55,21 +85,39 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return n
 
 
+def kv_bytes(cfg, tokens: int, elsize: int) -> int:
+    attn = sum(t == "full_attention" for t in cfg.layer_types)
+    return attn * 2 * cfg.num_key_value_heads * cfg.attn_head_dim * tokens * elsize
+
+
+def prefill_flops(cfg, tokens: int) -> float:
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    n_conv = sum(t == "conv" for t in cfg.layer_types)
+    n_attn = sum(t == "full_attention" for t in cfg.layer_types)
+    hd, h, kv = cfg.attn_head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
+    lin = n_conv * 4 * d * d + n_attn * d * hd * (2 * h + 2 * kv) + len(cfg.layer_types) * 3 * d * f
+    attn = n_attn * 2 * h * hd * tokens * tokens  # q@k and p@v over the causal half
+    return 2 * lin * tokens + attn + 2 * cfg.vocab_size * d
+
+
 # ---------------------------------------------------------------------------------------------- runners
 
 
 class Ours:
-    def __init__(self, model):
-        self.m = model
+    def __init__(self, model, path: str):
+        self.m, self.path = model, path
 
     @torch.inference_mode()
-    def prefill(self, ids):
-        self.cache = self.m.new_cache(ids.shape[1] + 256)
-        return self.m(ids, cache=self.cache, logits_to_keep=1)[:, -1].argmax(-1)
+    def prefill(self, ids, mask=None, room: int = 64):
+        self.m.set_decode_path(self.path)
+        cache = self.m.new_cache(ids.shape[1] + room)
+        tok = self.m(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].argmax(-1)
+        return tok, cache
 
     @torch.inference_mode()
-    def step(self, tok):
-        return self.m(tok[:, None], cache=self.cache)[:, -1].argmax(-1)
+    def step(self, tok, cache):
+        self.m.set_decode_path(self.path)
+        return self.m(tok[:, None], cache=cache)[:, -1].argmax(-1)
 
 
 class HF:
@@ -77,51 +125,67 @@ class HF:
         self.m = model
 
     @torch.inference_mode()
-    def prefill(self, ids):
-        out = self.m(ids, use_cache=True, logits_to_keep=1)
-        self.cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits[:, -1].argmax(-1)
+    def prefill(self, ids, mask=None, room: int = 64):
+        out = self.m(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+        return out.logits[:, -1].argmax(-1), cache
 
     @torch.inference_mode()
-    def step(self, tok):
-        out = self.m(tok[:, None], cache=self.cache, use_cache=True)
-        return out.logits[:, -1].argmax(-1)
+    def step(self, tok, cache):
+        return self.m(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
 
 
-def measure(runners: dict, ids: torch.Tensor, decode_steps: int, repeats: int) -> dict:
-    """Interleaved (A, B, A, B, ...) so machine load affects every runner alike; medians."""
-    pre = {k: [] for k in runners}
-    dec = {k: [] for k in runners}
-    for r in range(repeats + 1):  # first round is warm-up
-        for name, run in runners.items():
-            t = time.perf_counter()
-            tok = run.prefill(ids)
-            tp = time.perf_counter() - t
-            steps = []
-            for _ in range(decode_steps):
+def decode_rounds(runners: dict, ids, steps: int, repeats: int, limits: Limits, mask=None) -> dict[str, float]:
+    """Median single-token step time of every runner (one prefill each, then rounds from copies of its cache;
+    a bandwidth sample before every round)."""
+    start, by_model = {}, {}
+    for name, r in runners.items():  # fast and eager share one model: one prefill (the same numbers either way)
+        if id(r.m) not in by_model:
+            by_model[id(r.m)] = r.prefill(ids, mask, room=steps + 8)
+        start[name] = by_model[id(r.m)]
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for rnd in range(repeats + 1):  # round 0 warms up
+        limits.sample_bw()
+        for name, r in runners.items():
+            tok, cache = start[name][0], copy.deepcopy(start[name][1])
+            for _ in range(steps):
                 t = time.perf_counter()
-                tok = run.step(tok)
-                steps.append(time.perf_counter() - t)
-            if r:
-                pre[name].append(tp)
-                dec[name] += steps
-    n = ids.shape[1]
-    return {k: {"prefill_tok_s": n / statistics.median(pre[k]), "decode_tok_s": 1 / statistics.median(dec[k]),
-                "decode_ms": 1000 * statistics.median(dec[k])} for k in runners}
+                tok = r.step(tok, cache)
+                if rnd:
+                    times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def build_pair(seed: int = 0):
+def prefill_rounds(runners: dict, ids, repeats: int, limits: Limits, dtype) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for rnd in range(repeats + 1):
+        limits.sample_gemm(dtype)
+        for name, r in runners.items():
+            t = time.perf_counter()
+            r.prefill(ids)
+            if rnd:
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def build_pair(tiny: bool, hf: bool, seed: int = 0):
     import zoo
-    from transformers import Lfm2Config, Lfm2ForCausalLM
 
     torch.manual_seed(seed)
-    ours = zoo.create_model("lfm2_350m").eval()
-    cfg = Lfm2Config(vocab_size=65536, hidden_size=1024, num_hidden_layers=16, num_attention_heads=16,
-                     num_key_value_heads=8, intermediate_size=6656, full_attn_idxs=[2, 5, 8, 10, 12, 14],
-                     max_position_embeddings=128000, eos_token_id=7)
+    ours = zoo.create_model("lfm2_350m", **(TINY if tiny else {})).eval()
+    if not hf:
+        return ours, None
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    c = ours.config
+    cfg = Lfm2Config(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                     num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                     intermediate_size=c.intermediate_size, block_auto_adjust_ff_dim=False,
+                     layer_types=list(c.layer_types), max_position_embeddings=c.max_position_embeddings,
+                     eos_token_id=7)
     with torch.device("meta"):
         ref = Lfm2ForCausalLM(cfg)
-    sd = dict(ours.state_dict())
+    sd = {k: v.clone() for k, v in ours.state_dict().items()}  # own copies: packing ours must not touch them
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing, unexpected = ref.load_state_dict(sd, strict=False, assign=True)
     assert not unexpected and all("inv_freq" in k for k in missing), (missing, unexpected)
@@ -160,123 +224,165 @@ def _child_rss(folder: str, mode: str, prompt_len: int, new_tokens: int, threads
                       "weight_bytes": weight_bytes(m)}))
 
 
-def cache_bytes(cfg, tokens: int, dtype_bytes: int = 4) -> int:
-    conv = sum(t == "conv" for t in cfg.layer_types) * cfg.hidden_size * (cfg.conv_L_cache - 1)
-    attn = sum(t == "full_attention" for t in cfg.layer_types) * 2 * cfg.num_key_value_heads * cfg.attn_head_dim * tokens
-    return (conv + attn) * dtype_bytes
-
-
 def _rss(args, res: dict) -> None:
     """Peak RSS of loading a saved fp32 folder and generating, in fresh processes (both loading paths)."""
+    import zoo
+    import zoo.language.lfm2 as lf
+
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
-        import zoo
-
         zoo.create_model("lfm2_350m").save_pretrained(d)
+        cfg = lf.hybrid_config_from_lfm2(json.loads((Path(d) / "config.json").read_text()))
         for mode in ("load_pretrained", "create_model"):
             out = subprocess.run([sys.executable, __file__, "--_child", d, mode, "--threads", str(args.threads),
-                                  "--prompt-len", str(args.prompt_len), "--decode-steps", str(args.decode_steps)],
+                                  "--prefill-len", str(args.prefill_len), "--decode-steps", str(args.decode_steps)],
                                  capture_output=True, text=True, check=True)
             rss = json.loads(out.stdout.strip().splitlines()[-1])
-            import zoo.language.lfm2 as lf
-
-            cfg = lf.hybrid_config_from_lfm2(json.loads((Path(d) / "config.json").read_text()))
-            cb = cache_bytes(cfg, args.prompt_len + args.decode_steps)
+            cb = kv_bytes(cfg, args.prefill_len + args.decode_steps, 4)
             rss["cache_bytes"] = cb
             rss["peak_over_weights_plus_cache"] = rss["peak"] / (rss["weight_bytes"] + cb)
-            rss["peak_minus_imports_over_weights_plus_cache"] = (rss["peak"] - rss["rss_after_imports"]) / (
-                rss["weight_bytes"] + cb)
             res[f"rss_{mode}"] = rss
+
+
+# ---------------------------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--prompt-len", type=int, default=512)
-    ap.add_argument("--decode-steps", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-lowp", action="store_true", help="skip the bf16 / int8 runs")
-    ap.add_argument("--no-rss", action="store_true", help="skip the peak-memory child processes")
-    ap.add_argument("--only-rss", action="store_true", help="only the peak-memory child processes")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test of the script)")
+    ap.add_argument("--contexts", type=int, nargs="+", default=[64, 2048], help="cache lengths for batch-1 decode")
+    ap.add_argument("--prefill-len", type=int, default=512)
+    ap.add_argument("--decode-steps", type=int, default=8, help="timed steps per path per round")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (after one warm-up round)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers' Lfm2ForCausalLM")
+    ap.add_argument("--rss", action="store_true", help="also the peak-memory child processes (fp32 350M)")
+    ap.add_argument("--json", default=str(DEFAULT_JSON), help=f"results file (default {DEFAULT_JSON})")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        _child_rss(args._child[0], args._child[1], args.prompt_len, args.decode_steps, args.threads)
+        _child_rss(args._child[0], args._child[1], args.prefill_len, args.decode_steps, args.threads)
         return 0
     torch.set_num_threads(args.threads)
-    res: dict = {"threads": args.threads, "torch": torch.__version__, "prompt_len": args.prompt_len,
-                 "load_avg_start": os.getloadavg()}
-    import transformers
+    load_start = os.getloadavg()
+    hf_version = None
+    if not args.no_hf:
+        import transformers
 
-    res["transformers"] = transformers.__version__
-    if args.only_rss:
-        _rss(args, res)
-        res["load_avg_end"] = os.getloadavg()
-        print(json.dumps({k: v for k, v in res.items() if k.startswith("rss_")}, indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=2))
-        return 0
-    bw = read_bandwidth()
-    res["read_bandwidth_GBs"] = bw / 1e9
-    ours, ref = build_pair()
-    wbytes = weight_bytes(ours)
-    res["params"] = sum(p.numel() for p in ours.parameters())
-    res["fp32_weight_bytes"] = wbytes
-    res["fp32_bound_tok_s"] = bw / wbytes
-    ids = torch.randint(10, 60000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+        hf_version = transformers.__version__
+    ours, ref = build_pair(args.tiny, not args.no_hf)
+    cfg = ours.config
+    limits = Limits(1 / 16 if args.tiny else 1.0, cfg.hidden_size, cfg.intermediate_size, args.prefill_len)
+    gen = torch.Generator().manual_seed(0)
+    vocab = cfg.vocab_size
     with torch.inference_mode():  # same weights, same numbers
-        res["max_abs_logit_diff"] = (ours(ids[:, :64]) - ref(ids[:, :64]).logits).abs().max().item()
-    r = measure({"ours_fp32": Ours(ours), "hf_fp32": HF(ref)}, ids, args.decode_steps, args.repeats)
-    res.update(r)
-    res["ratio_prefill"] = r["ours_fp32"]["prefill_tok_s"] / r["hf_fp32"]["prefill_tok_s"]
-    res["ratio_decode"] = r["ours_fp32"]["decode_tok_s"] / r["hf_fp32"]["decode_tok_s"]
-    res["decode_vs_bound"] = r["ours_fp32"]["decode_tok_s"] / res["fp32_bound_tok_s"]
-    del ref
-    if not args.no_lowp:
-        from zoo.language.hybrid import quantize_int8_
+        probe = torch.randint(10, vocab, (1, 32), generator=gen)
+        max_diff = (ours(probe) - ref(probe).logits).abs().max().item() if ref is not None else None
+    decode_rows, prefill_rows, batch_rows = [], [], []
+    res: dict = {"params": sum(p.numel() for p in ours.parameters())}
+    t_start = time.time()
+    for dt_name in args.dtypes:
+        if dt_name == "bf16":
+            ours.to(torch.bfloat16)
+        elif dt_name == "int8":
+            from zoo.language.hybrid import quantize_int8_
 
-        ours.to(torch.bfloat16)
-        res["bf16_weight_bytes"] = weight_bytes(ours)
-        res.update(measure({"ours_bf16": Ours(ours)}, ids, args.decode_steps, args.repeats))
-        quantize_int8_(ours)
-        res["int8_weight_bytes"] = weight_bytes(ours)
-        res.update(measure({"ours_int8": Ours(ours)}, ids, args.decode_steps, args.repeats))
-        for k in ("ours_bf16", "ours_int8"):
-            res[k]["decode_vs_fp32_bound"] = res[k]["decode_tok_s"] / res["fp32_bound_tok_s"]
-    del ours
-    if not args.no_rss:
+            quantize_int8_(ours)  # bf16 activations
+        act = torch.float32 if dt_name == "fp32" else torch.bfloat16
+        runners = {"fast": Ours(ours, "fast"), "eager": Ours(ours, "eager")}
+        if ref is not None and dt_name == "fp32":
+            runners["transformers"] = HF(ref)
+        wb = weight_bytes(ours)
+        res[f"{dt_name}_weight_bytes"] = wb
+        for ctx in args.contexts:
+            ids = torch.randint(10, vocab, (1, ctx), generator=gen)
+            bw0 = len(limits.bw)
+            med = decode_rounds(runners, ids, args.decode_steps, args.repeats, limits)
+            bw = statistics.median(limits.bw[bw0:])
+            bytes_tok = wb + kv_bytes(cfg, ctx + args.decode_steps // 2, act.itemsize)
+            bound = bw / bytes_tok
+            for name, s in med.items():
+                decode_rows.append([f"{'zoo ' + name if name != 'transformers' else 'transformers'}", dt_name, ctx,
+                                    round(1 / s, 2), round(bound, 2), f"{100 / s / bound:.0f}%",
+                                    f"x{med['eager'] / s:.2f}",
+                                    f"x{med['transformers'] / s:.2f}" if "transformers" in med else "-"])
+                res[f"decode_{dt_name}_{ctx}_{name}"] = {"tok_s": 1 / s, "bound_tok_s": bound, "bw_GBs": bw / 1e9,
+                                                         "bytes_per_token": bytes_tok}
+            print(f"decode {dt_name} ctx {ctx}: " + ", ".join(f"{k} {1 / v:.2f} tok/s ({100 / v / bound:.0f}%)"
+                                                              for k, v in med.items())
+                  + f" | bound {bound:.2f} tok/s at {bw / 1e9:.1f} GB/s", flush=True)
+        if dt_name in ("fp32", "bf16"):
+            ids = torch.randint(10, vocab, (1, args.prefill_len), generator=gen)
+            pre = {"fast": runners["fast"]}
+            if "transformers" in runners:
+                pre["transformers"] = runners["transformers"]
+            g0 = len(limits.gemm[act])
+            med = prefill_rounds(pre, ids, args.repeats, limits, act)
+            peak = statistics.median(limits.gemm[act][g0:])
+            bound = peak / (prefill_flops(cfg, args.prefill_len) / args.prefill_len)
+            for name, s in med.items():
+                tps = args.prefill_len / s
+                prefill_rows.append([f"{'zoo' if name == 'fast' else name}", dt_name, args.prefill_len, round(tps, 1),
+                                     round(peak / 1e9, 1), f"{100 * tps / bound:.0f}%",
+                                     f"x{med['transformers'] / s:.2f}" if "transformers" in med else "-"])
+                res[f"prefill_{dt_name}_{name}"] = {"tok_s": tps, "gemm_peak_GFLOPs": peak / 1e9,
+                                                    "bound_tok_s": bound}
+            print(f"prefill {dt_name} {args.prefill_len}: " + ", ".join(
+                f"{k} {args.prefill_len / v:.1f} tok/s ({100 * args.prefill_len / v / bound:.0f}%)"
+                for k, v in med.items()) + f" | GEMM peak {peak / 1e9:.1f} GFLOP/s", flush=True)
+        if dt_name == "fp32" or len(args.dtypes) == 1:
+            short = min(args.contexts)
+            base = None
+            for b in args.batch_sizes:
+                lens = torch.randint(max(1, short // 2), short + 1, (b,), generator=gen)
+                lens[0] = short
+                ids = torch.randint(10, vocab, (b, short), generator=gen)
+                mask = (torch.arange(short)[None] >= (short - lens)[:, None]).long()
+                med = decode_rounds({"fast": runners["fast"], "eager": runners["eager"]}, ids, args.decode_steps,
+                                    args.repeats, limits, mask=mask)
+                tps = b / med["fast"]
+                base = base or tps
+                batch_rows.append([dt_name, b, f"{int(lens.min())}-{int(lens.max())}", round(tps, 2),
+                                   round(b / med["eager"], 2), f"x{tps / base:.2f}"])
+                print(f"batch {b} ({dt_name}, left-padded prompts of {int(lens.min())}-{int(lens.max())} tokens): "
+                      f"fast {tps:.2f} tok/s, eager {b / med['eager']:.2f} tok/s", flush=True)
+        if dt_name == "fp32" and ref is not None:
+            del runners["transformers"]
+            ref = None  # free transformers' copy before the low-precision runs
+    res["seconds"] = round(time.time() - t_start)
+    if args.rss:
         _rss(args, res)
-    res["load_avg_end"] = os.getloadavg()
-    _print(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=2))
+    load_end = os.getloadavg()
+    fast = {(r[1], r[2]): r for r in decode_rows if r[0] == "zoo fast"}
+    summary = "; ".join(f"{dt} ctx {c}: {r[5]} of bound ({r[6]} vs eager"
+                        + (f", {r[7]} vs transformers" if r[7] != "-" else "") + ")" for (dt, c), r in fast.items())
+    summary += "; prefill " + ", ".join(f"{r[0]} {r[1]} {r[5]} of GEMM peak" for r in prefill_rows)
+    print(f"LFM2{'-tiny' if args.tiny else '-350M'} {res['params']:,} params, {args.threads} threads, load average "
+          f"{load_start[0]:.1f} -> {load_end[0]:.1f}, max |dlogit| ours vs transformers {max_diff}")
+    print("SUMMARY: " + summary)
+    from zoo.bench import write_results
+
+    notes = (f"{'tiny config' if args.tiny else 'LFM2-350M'} random weights, {args.threads} threads, load average "
+             f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end; bounds measured in the same process "
+             f"between the paths (read bandwidth median {statistics.median(limits.bw) / 1e9:.1f} GB/s)")
+    path = write_results(args.json, {
+        "decode": {"columns": ["path", "weights", "context", "decode tok/s", "bandwidth bound tok/s", "of bound",
+                               "vs eager", "vs transformers"], "rows": decode_rows},
+        "prefill": {"columns": ["path", "weights", "prompt", "prefill tok/s", "GEMM peak GFLOP/s", "of peak",
+                                "vs transformers"], "rows": prefill_rows},
+        "batch": {"columns": ["weights", "batch", "prompt lengths", "fast decode tok/s", "eager decode tok/s",
+                              "vs batch 1"], "rows": batch_rows},
+    }, settings={"threads": args.threads, "tiny": args.tiny, "contexts": args.contexts,
+                 "prefill_len": args.prefill_len, "decode_steps": args.decode_steps, "repeats": args.repeats,
+                 "batch_sizes": args.batch_sizes, "dtypes": args.dtypes, "transformers": hf_version,
+                 "load_average_start": [round(x, 2) for x in load_start], "max_abs_logit_diff_vs_transformers": max_diff,
+                 "read_bandwidth_GBs": [round(b / 1e9, 2) for b in limits.bw],
+                 "gemm_peak_GFLOPs": {str(k): [round(g / 1e9, 1) for g in v] for k, v in limits.gemm.items()},
+                 "summary": summary, "figures": res}, notes=notes)
+    print(f"wrote {path}")
     return 0
-
-
-def _print(res: dict) -> None:
-    g = 1e9
-    print(f"LFM2-350M random weights, {res['params']:,} params, torch {res['torch']}, transformers "
-          f"{res['transformers']}, {res['threads']} threads, load avg {res['load_avg_start'][0]:.1f}->"
-          f"{res['load_avg_end'][0]:.1f}")
-    print(f"read bandwidth {res['read_bandwidth_GBs']:.1f} GB/s; fp32 weights {res['fp32_weight_bytes'] / g:.3f} GB "
-          f"-> decode bound {res['fp32_bound_tok_s']:.2f} tok/s; max |dlogit| ours vs HF {res['max_abs_logit_diff']:.2e}")
-    print(f"{'':12s} {'prefill tok/s':>14s} {'decode tok/s':>13s}")
-    for k in ("ours_fp32", "hf_fp32", "ours_bf16", "ours_int8"):
-        if k in res:
-            print(f"{k:12s} {res[k]['prefill_tok_s']:14.1f} {res[k]['decode_tok_s']:13.2f}")
-    print(f"ours/HF fp32: prefill x{res['ratio_prefill']:.2f}, decode x{res['ratio_decode']:.2f}; "
-          f"fp32 decode = {100 * res['decode_vs_bound']:.0f}% of the bandwidth bound")
-    for k in ("ours_bf16", "ours_int8"):
-        if k in res:
-            print(f"{k}: decode = {100 * res[k]['decode_vs_fp32_bound']:.0f}% of the fp32 bound")
-    for mode in ("load_pretrained", "create_model"):
-        r = res.get(f"rss_{mode}")
-        if r:
-            print(f"peak RSS ({mode} + generate): {r['peak'] / g:.2f} GB = {r['peak_over_weights_plus_cache']:.2f}x "
-                  f"(weights {r['weight_bytes'] / g:.2f} GB + cache {r['cache_bytes'] / 1e6:.1f} MB); "
-                  f"{r['peak_minus_imports_over_weights_plus_cache']:.2f}x without the {r['rss_after_imports'] / g:.2f}"
-                  f" GB of imports")
 
 
 if __name__ == "__main__":

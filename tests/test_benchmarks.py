@@ -17,9 +17,8 @@ SMOKE = {  # script -> smallest arguments it has
                          "--rounds", "1", "--per-round", "1"],
     "bench_fastvit.py": ["--tiny", "--models", "fastvit_sa12", "--batch-sizes", "1", "--image-size", "64",
                          "--threads", "1", "--warmup", "0", "--rounds", "1", "--per-round", "1"],
-    # no model-size option: the full LFM2-350M is built (twice: ours and transformers') with the shortest run
-    "bench_lfm2.py": ["--threads", "1", "--prompt-len", "8", "--decode-steps", "2", "--repeats", "1", "--no-lowp",
-                      "--no-rss"],
+    "bench_lfm2.py": ["--tiny", "--threads", "1", "--contexts", "16", "--prefill-len", "16", "--decode-steps", "2",
+                      "--repeats", "1", "--batch-sizes", "1", "2", "--dtypes", "fp32", "bf16"],
 }
 
 
@@ -31,7 +30,11 @@ def test_benchmark_script_smoke(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc, script
-    if script != "bench_lfm2.py":
+    if script == "bench_lfm2.py":  # every path ran; ours == transformers on the same weights
+        assert {r[0] for r in doc["tables"]["decode"]["rows"]} == {"zoo fast", "zoo eager", "transformers"}
+        assert len(doc["tables"]["batch"]["rows"]) == 2 and doc["tables"]["prefill"]["rows"]
+        assert doc["settings"]["max_abs_logit_diff_vs_transformers"] < 1e-4
+    else:
         assert doc["results"] and all(r["median_ms"] > 0 for r in doc["results"])
         diff_key = next(k for k in doc["results"][0] if k.startswith("max_abs_diff"))
         assert all(r[diff_key] < 1e-4 for r in doc["results"])  # ours == timm on the same weights

@@ -17,6 +17,15 @@ TINY = dict(vocab_size=96, hidden_size=64, num_attention_heads=4, num_key_value_
             layer_types=["conv", "full_attention", "conv", "conv", "full_attention"], max_position_embeddings=160)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: a second thread only adds synchronisation per op (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
@@ -161,3 +170,22 @@ def test_operators_plug_into_the_fast_path_with_step_or_fall_back_to_forward():
                                                                                eos_token_id=None))
     with pytest.raises(ValueError, match="'fast' or 'eager'"):
         m.set_decode_path("compiled")
+
+
+def test_zoo_generate_prints_llama_cpp_style_timings_and_eager_gives_the_same_text(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    from zoo.cli import main
+    from zoo.data.text import byte_tokenizer
+    from zoo.language.lfm2 import Lfm2LM
+
+    torch.manual_seed(0)
+    m = Lfm2LM(**{**TINY, "vocab_size": 259, "eos_token_id": None}).eval()
+    m.save_pretrained(tmp_path / "lm", tokenizer=byte_tokenizer())
+    outs = []
+    for extra in ([], ["--eager"]):
+        assert main(["generate", str(tmp_path / "lm"), "--prompt", "def f(", "--max-new-tokens", "16", *extra]) == 0
+        cap = capsys.readouterr()
+        outs.append(cap.out)
+        assert "prefill: " in cap.err and "decode:  15 tokens" in cap.err and "tokens/s" in cap.err
+        assert ("eager path" if extra else "fast path") in cap.err
+    assert outs[0] == outs[1] and outs[0].startswith("def f(")

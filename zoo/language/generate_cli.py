@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json to use instead of the folder's")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cache-dir", default=None, help="Hugging Face cache for registered names")
+    ap.add_argument("--eager", action="store_true",
+                    help="decode through the eager reference path (every token through forward) instead of the fast "
+                         "path (packed projections + operator steps; same tokens)")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
@@ -122,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = Tokenizer.from_file(str(tok_file))
     model = load_pretrained(folder, dtype=getattr(torch, args.dtype))
     model.tokenizer = tokenizer  # what model.save_pretrained() would write next to the weights
+    model.set_decode_path("eager" if args.eager else "fast")
     ids = tokenizer.encode(args.prompt).ids
     if not ids:
         raise SystemExit("zoo generate: the prompt encodes to no tokens")
@@ -146,11 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     t1 = time.perf_counter()
     n = out.shape[1] - len(ids)
-    first = (streamer.first_token_time or t1) - t0
-    rate = (n - 1) / (t1 - streamer.first_token_time) if n > 1 and streamer.first_token_time else float("nan")
-    print(f"[zoo generate] {len(ids)} prompt tokens, {n} new; first token {first * 1000:.0f} ms, "
-          f"decode {rate:.1f} tokens/s", file=sys.stderr)
+    print_timings(len(ids), n, t0, streamer.first_token_time or t1, t1,
+                  f"{'eager' if args.eager else 'fast'} path, {args.dtype}, {torch.get_num_threads()} threads")
     return 0
+
+
+def print_timings(prompt: int, new: int, t0: float, t_first: float, t1: float, how: str, out=None) -> None:
+    """llama.cpp-style timings: the prompt (prefill, up to the first new token) and the decode of the others."""
+    out = out or sys.stderr
+    pre = t_first - t0
+    print(f"[zoo generate] prefill: {prompt} tokens in {pre * 1000:.1f} ms ({prompt / pre:.2f} tokens/s)", file=out)
+    if new > 1:
+        dec = t1 - t_first
+        print(f"[zoo generate] decode:  {new - 1} tokens in {dec * 1000:.1f} ms ({(new - 1) / dec:.2f} tokens/s, "
+              f"{dec * 1000 / (new - 1):.1f} ms/token)", file=out)
+    print(f"[zoo generate] total:   {prompt + new} tokens in {(t1 - t0) * 1000:.1f} ms ({how})", file=out)
 
 
 if __name__ == "__main__":

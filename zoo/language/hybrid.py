@@ -713,11 +713,13 @@ def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.
     """The outputs of the projections ``module.packed_projections[name]`` on ``x``: one packed matrix product during
     inference, the children one by one while autograd records (or when they cannot be packed)."""
     parts = [getattr(module, c) for c in module.packed_projections[name]]
-    if torch.is_grad_enabled() or not _packable(parts):
+    if torch.is_grad_enabled():
         return tuple(p(x) for p in parts)
     packs = module.__dict__.setdefault("_zoo_packed", {})
     pk = packs.get(name)
-    if pk is None or not pk.valid(parts):
+    if pk is None or not pk.valid(parts):  # first use, or a weight was replaced
+        if not _packable(parts):
+            return tuple(p(x) for p in parts)
         packs[name] = pk = _PackedProjection(parts)
     return pk(x)
 
