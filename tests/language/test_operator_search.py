@@ -16,9 +16,7 @@ TIMING = {"decode_ms", "train_seconds"}  # measured, so they differ between runs
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A few local files in place of the stdlib (same split and byte tokenizer, milliseconds to read)."""
-    d = tmp_path_factory.mktemp("text")
-    for i in range(6):
-        (d / f"mod{i}.py").write_text(f"def f{i}(x, y):\n    return (x * {i} + y) % 7\n\n" * 30)
+    d = data_files_dir(tmp_path_factory.mktemp("corpus"))
     return search.CorpusData.from_text(seq_len=16, val_tokens=64, files=[str(d / "*.py")])
 
 
@@ -83,3 +81,37 @@ def test_bad_input_errors(tmp_path, capsys):
     assert "unknown operator(s) ['bogus']" in err and "register_operator" in err
     with pytest.raises(ValueError, match="'ffn' must follow a mixer"):
         search.Candidate.from_pattern(["ffn", "conv"])
+
+
+def test_operator_study_benchmark_smoke(tmp_path):
+    """benchmarks/bench_operator_study.py end to end at tiny sizes (figures meaningless; the accounting is not)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_operator_study.py"
+    spec = importlib.util.spec_from_file_location("bench_operator_study", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    files = str(Path(data_files_dir(tmp_path)) / "*.py")
+    out = tmp_path / "study.json"
+    assert mod.main(["--tiny", "--arms", "lfm2,nemotron_flash", "--contexts", "8,24", "--decode-steps", "2",
+                     "--repeats", "1", "--files", files, "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["command"].startswith("python benchmarks/bench_operator_study.py") and doc["machine"]["torch"]
+    raw = doc["tables"]["raw"]
+    rows = {r[0]: dict(zip(raw["columns"], r)) for r in raw["rows"]}
+    # KV bytes per token = attention layers x (k, v) x kv heads (1) x head dim (32) x 4 bytes; recurrent state fixed
+    assert rows["lfm2"]["cache_bytes_per_token"] == 2 * 2 * 32 * 4
+    assert rows["nemotron_flash"]["cache_bytes_per_token"] == 1 * 2 * 32 * 4
+    assert rows["nemotron_flash"]["cache_bytes_fixed"] > rows["lfm2"]["cache_bytes_fixed"] > 0
+    for r in rows.values():
+        assert abs(r["params"] - 5e5) < 0.05 * 5e5 and r["bpb"] > 0 and r["decode_tok_s@24"] > 0
+    assert [row[0] for row in doc["tables"]["study"]["rows"]] == [mod.ARMS["lfm2"][0], mod.ARMS["nemotron_flash"][0]]
+
+
+def data_files_dir(tmp_path):
+    d = tmp_path / "text"
+    d.mkdir()
+    for i in range(6):
+        (d / f"mod{i}.py").write_text(f"def f{i}(x, y):\n    return (x * {i} + y) % 7\n\n" * 30)
+    return d

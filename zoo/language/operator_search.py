@@ -341,13 +341,16 @@ def bits_per_byte(model, data: CorpusData, batch_size: int = 8) -> float:
 
 
 def train_and_score(model, data: CorpusData, *, steps: int, batch_size: int, lr: float, warmup_steps: int,
-                    weight_decay: float, seed: int) -> dict[str, float]:
-    """Train ``steps`` AdamW updates (timm factory: no decay on norms/biases; warm-up then cosine to lr/10, clip 1.0)
-    on the seed's batches; return bits per byte, the last train losses and the wall time."""
+                    weight_decay: float, seed: int, min_lr: float | None = None) -> dict[str, float]:
+    """Train ``steps`` AdamW updates (timm factory: no decay on norms/biases; linear warm-up then cosine to ``min_lr``
+    (default lr/10); gradients clipped to norm 1.0) on the seed's batches; return bits per byte, the mean train loss
+    of the last tenth of the steps and the wall time."""
     from timm.optim import create_optimizer_v2
 
     opt = create_optimizer_v2(model, opt="adamw", lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps, min(warmup_steps, steps // 2 or 1)))
+    floor = 0.1 if min_lr is None else min_lr / lr
+    warm = min(warmup_steps, steps // 2 or 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps, warm, floor))
     model.train()
     losses = []
     t0 = time.perf_counter()
