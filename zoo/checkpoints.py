@@ -266,7 +266,11 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, IndexError, ... on bad files
-        raise _load_error(path, e) from e
+        err = _load_error(path, e)
+        if isinstance(err, UnsafeCheckpointError) and _is_ultralytics_pickle(path):
+            # a pickled ultralytics / DocLayout-YOLO model: read its tensors without running anything
+            return load_pickled_module_tensors(path)
+        raise err from e
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
@@ -345,6 +349,190 @@ def load_paddle_pickle(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not sd:
         raise CheckpointError(f"{path} holds no arrays (top-level keys: {', '.join(map(str, list(obj)[:10]))})")
     return sd
+
+
+# ------------------------------------------------------------------ pickled whole-model files (ultralytics)
+
+
+class _Inert:
+    """Stands in for every class or function a pickle names: constructing or "calling" it records the arguments,
+    ``BUILD`` records the state, and nothing else happens (no import, no attribute lookup, no code)."""
+
+    _zoo_global = "?"
+    _zoo_args: tuple = ()
+    _zoo_state: Any = None  # NEWOBJ creates instances without __init__: class-level defaults
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        self.__dict__["_zoo_args"] = args
+        self.__dict__["_zoo_state"] = None
+        self.__dict__["_zoo_items"] = []
+
+    def __setstate__(self, state):
+        self.__dict__["_zoo_state"] = state
+
+    def __setitem__(self, key, value):  # SETITEMS on a dict subclass
+        self.__dict__.setdefault("_zoo_items", []).append((key, value))
+
+    def append(self, value):  # APPENDS on a list subclass
+        self.__dict__.setdefault("_zoo_items", []).append(value)
+
+    def extend(self, values):
+        for v in values:
+            self.append(v)
+
+    def __repr__(self):
+        return f"<inert {self._zoo_global}>"
+
+
+_STORAGE_DTYPES = {
+    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+_TORCH_DTYPES = {str(d).removeprefix("torch."): d for d in _STORAGE_DTYPES.values()}
+
+
+class _TensorOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a ``torch.save`` zip archive with every global replaced by an :class:`_Inert` placeholder, except
+    torch's tensor / parameter rebuild functions (reimplemented here on bytes read from the archive), the storage
+    and dtype names and ``OrderedDict``."""
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: Path):
+        super().__init__(file)
+        self.archive, self.prefix, self.path = archive, prefix, path
+        self.storages: dict[str, torch.Tensor] = {}
+        self.placeholders: dict[tuple[str, str], type] = {}
+        self.named: set[str] = set()
+
+    def find_class(self, module: str, name: str):
+        import collections
+
+        self.named.add(f"{module}.{name}")
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return ("storage_dtype", _STORAGE_DTYPES[name])
+        if module == "torch" and name in _TORCH_DTYPES:
+            return _TORCH_DTYPES[name]
+        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+                                                 "_rebuild_parameter_with_state", "_rebuild_from_type_v2"):
+            return getattr(self, name)
+        key = (module, name)
+        if key not in self.placeholders:
+            self.placeholders[key] = type(name, (_Inert,), {"_zoo_global": f"{module}.{name}"})
+        return self.placeholders[key]
+
+    def persistent_load(self, saved_id):
+        if not (isinstance(saved_id, tuple) and len(saved_id) == 5 and saved_id[0] == "storage"):
+            raise UnsafeCheckpointError(f"refused to load {self.path}: unknown persistent id {saved_id!r:.80}")
+        _, stype, key, _location, numel = saved_id
+        dtype = stype[1] if isinstance(stype, tuple) and stype[:1] == ("storage_dtype",) else None
+        if dtype is None:
+            raise UnsafeCheckpointError(f"refused to load {self.path}: storage type {stype!r:.80} is not a tensor storage")
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            t = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
+            if t.numel() != int(numel):
+                raise CheckpointError(f"{self.path}: storage {key} has {t.numel()} elements, the pickle says {numel}")
+            self.storages[key] = t
+        return self.storages[key]
+
+    # torch's rebuild functions, on a flat tensor standing in for the storage
+    @staticmethod
+    def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+        if not isinstance(storage, torch.Tensor):
+            raise UnsafeCheckpointError("tensor rebuild without a storage")
+        if not len(size):
+            return storage[storage_offset].clone()
+        return torch.as_strided(storage, tuple(size), tuple(stride), storage_offset).clone()
+
+    def _rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
+        return self._rebuild_tensor_v2(storage, storage_offset, size, stride).view(dtype)
+
+    @staticmethod
+    def _rebuild_parameter(data, requires_grad=True, backward_hooks=None):
+        return data
+
+    @staticmethod
+    def _rebuild_parameter_with_state(data, requires_grad=True, backward_hooks=None, state=None):
+        return data
+
+    @staticmethod
+    def _rebuild_from_type_v2(func, new_type, args, state):
+        return func(*args) if callable(func) and not isinstance(func, type) else _Inert()
+
+
+def _module_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor], depth: int = 0) -> None:
+    """Parameters and persistent buffers of a placeholder ``nn.Module`` tree, keyed as its ``state_dict`` would be."""
+    if depth > 64 or not isinstance(obj, _Inert) or not isinstance(obj._zoo_state, dict):
+        return
+    state = obj._zoo_state
+    skip = state.get("_non_persistent_buffers_set") or set()
+    skip = set(skip) if isinstance(skip, (set, frozenset, list, tuple)) else set()
+    for group in ("_parameters", "_buffers"):
+        for k, v in (state.get(group) or {}).items():
+            if isinstance(v, torch.Tensor) and not (group == "_buffers" and k in skip):
+                out[prefix + k] = v
+    for k, v in (state.get("_modules") or {}).items():
+        _module_tensors(v, f"{prefix}{k}.", out, depth + 1)
+
+
+def load_pickled_module_tensors(path: str | os.PathLike, keys: tuple[str, ...] = ("ema", "model")) -> dict[str, torch.Tensor]:
+    """The ``state_dict`` of a pickled whole model (ultralytics / DocLayout-YOLO ``.pt``: ``{"model": DetectionModel,
+    ...}``) **without executing anything from the file**: every class or function the pickle names becomes an inert
+    placeholder (nothing is imported), tensors are rebuilt from the archive's raw storages, and only the module
+    tree's ``_parameters`` / ``_buffers`` are read. ``keys``: where the model is in a checkpoint dict, first found
+    wins (ultralytics prefers the EMA weights). Neither ultralytics nor doclayout_yolo needs to be installed."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path} is not a torch zip archive (torch.save since 1.6); legacy pickles are not read")
+    with zipfile.ZipFile(path) as z:
+        pkl = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if pkl is None:
+            raise CheckpointError(f"{path} is a zip file without data.pkl: not a torch checkpoint")
+        prefix = pkl[: -len("data.pkl")]
+        bo = f"{prefix}byteorder"
+        if bo in z.namelist() and z.read(bo).strip() not in (b"little", b""):
+            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        import io
+
+        up = _TensorOnlyUnpickler(io.BytesIO(z.read(pkl)), z, prefix, path)
+        try:
+            obj = up.load()
+        except CheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - truncated / malformed pickle
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {type(e).__name__}: {e}") from e
+    root = obj
+    if isinstance(obj, Mapping):
+        root = next((obj[k] for k in keys if isinstance(obj.get(k), _Inert)), None)
+        if root is None:
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                return tensors
+            raise CheckpointError(f"{path} holds no pickled model under {', '.join(keys)} (keys: "
+                                  f"{', '.join(map(str, list(obj)[:10]))})")
+    out: dict[str, torch.Tensor] = {}
+    _module_tensors(root, "", out)
+    if not out:
+        raise CheckpointError(f"{path}: the pickled object ({getattr(root, '_zoo_global', type(root).__name__)}) "
+                              f"has no module parameters")
+    return out
+
+
+def _is_ultralytics_pickle(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            pkl = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+            names = _pickle_globals(z.read(pkl)) if pkl else None
+    except (OSError, zipfile.BadZipFile, RuntimeError):
+        return False
+    return bool(names) and any(n.startswith(("ultralytics.", "doclayout_yolo.")) for n in names)
 
 
 # Opcodes that import or call something while unpickling; a torch checkpoint's only such targets are torch's tensor

@@ -191,7 +191,8 @@ def create_model(
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
-    elif (cfg.task in BACKBONE_TASKS or cfg.task == "semantic-segmentation") and cfg.classifier:
+    elif ((cfg.task in BACKBONE_TASKS or cfg.task == "semantic-segmentation") and cfg.classifier) \
+            or cfg.task == "object-detection":
         kwargs["num_classes"] = cfg.num_classes  # the tag's head size, like timm (e.g. an in21k / Cityscapes tag)
     if in_chans is not None:
         kwargs["in_chans"] = in_chans

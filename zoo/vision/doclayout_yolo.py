@@ -26,7 +26,7 @@ from torch import nn
 
 from zoo.contract import SmallCfg
 from zoo.registry import CheckpointSource, ModelCfg, register_model
-from zoo.vision.yolov10 import (CIB, SCALES, Conv, YOLOv10, YOLOv10Backbone, official_key_map, register_block)
+from zoo.vision.yolov10 import CIB, SCALES, Conv, YOLOv10, checkpoint_filter_fn, register_block
 
 
 class DilatedBlock(nn.Module):
@@ -151,20 +151,13 @@ class DocLayoutYOLO(YOLOv10):
         self.label_names = list(label_names)
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Our layout passes through; the DocLayout-YOLO / ultralytics layout (``model.<layer>.*``) is renamed."""
-    if not any(k.startswith("model.") and k.split(".")[1].isdigit() for k in state_dict if k.count(".") > 1):
-        return dict(state_dict)
-    return {official_key_map(k): v for k, v in state_dict.items()}
-
-
 def convert_checkpoint(src: str, dst: str) -> dict:
     """Convert a released DocLayout-YOLO ``.pt`` (a pickled ultralytics model) to a safetensors file in our layout,
     without executing any pickled code. Returns the converted state dict."""
     from zoo.checkpoints import load_pickled_module_tensors, save_file
 
     raw = load_pickled_module_tensors(src)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint_filter_fn(raw, None).items()}
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in checkpoint_filter_fn(raw).items()}
     save_file(sd, os.fspath(dst))
     return sd
 

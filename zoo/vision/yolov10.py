@@ -445,7 +445,14 @@ class V10DetectHead(nn.Module):
         branch.init_bias(strides, num_classes)
         self.one2one = copy.deepcopy(branch)
         self.one2many: Optional[HeadBranch] = branch if dual else None
-        self.dfl = DFL(reg_max)
+        # reg_max 1 (the doclayout-yolo 0.0.4 wheel's Detect default): the box tower predicts distances directly
+        self.dfl: Optional[DFL] = DFL(reg_max) if reg_max > 1 else None
+
+    def distances(self, box: torch.Tensor) -> torch.Tensor:
+        """Box-tower output (B, A, 4*reg_max) -> (l, t, r, b) distances (B, A, 4) in grid units."""
+        if self.dfl is not None:
+            return self.dfl(box)
+        return box
 
     def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
         o2o_box, o2o_cls = self.one2one([f.detach() for f in feats])
@@ -589,6 +596,8 @@ class YOLOv10(nn.Module):
         variant: ``n``, ``s``, ``m``, ``b``, ``l`` or ``x`` (the scale table :data:`SCALES`).
         num_classes: foreground classes (80 for COCO).
         scale / backbone_blocks / neck_blocks / backbone_repeats / neck_repeats: override the variant's layer list.
+        reg_max: DFL bins (16, the YOLOv10 / DocLayout-YOLO GitHub code); 1 predicts distances directly (no DFL, as
+            the ``doclayout-yolo`` 0.0.4 wheel builds its yaml models).
         dual_head: keep the one-to-many branch (training form); ``False`` (and ``deploy=True``) has only one-to-one.
         deploy: inference form: one-to-one branch only, every Conv+BN folded, RepVGGDW merged.
         max_det / score_thresh: post-processing (reference: 300 detections; conf 0.001 for validation).
@@ -676,7 +685,7 @@ class YOLOv10(nn.Module):
         if pts.shape[0] != box_logits.shape[1]:
             raise ValueError(f"image_size {tuple(image_size)} gives {pts.shape[0]} anchors but the outputs have "
                              f"{box_logits.shape[1]}; pass the size of the input tensor")
-        boxes = dist2bbox(self.head.dfl(box_logits.float()), pts) * st
+        boxes = dist2bbox(self.head.distances(box_logits.float()), pts) * st
         return boxes, cls_logits.float().sigmoid()
 
     # ------------------------------------------------------------------------------------------------ loss
@@ -716,17 +725,21 @@ class YOLOv10(nn.Module):
 
     def _branch_loss(self, box_logits, cls_logits, pts, st, gt_boxes, gt_labels, mask_gt, topk, alpha, beta):
         box_logits, cls_logits = box_logits.float(), cls_logits.float()
-        dist = self.head.dfl(box_logits)  # (B, A, 4) in grid units
+        dist = self.head.distances(box_logits)  # (B, A, 4) in grid units
         pred_boxes = dist2bbox(dist, pts)  # grid units
         assigner = TaskAlignedAssigner(topk, self.num_classes, alpha, beta)
         t_boxes, t_scores, fg = assigner(cls_logits.detach().sigmoid(), pred_boxes.detach() * st, pts * st,
                                          gt_labels, gt_boxes, mask_gt)
         t_sum = t_scores.sum().clamp(min=1)
         cls_loss = F.binary_cross_entropy_with_logits(cls_logits, t_scores, reduction="sum") / t_sum
+        dfl_loss = box_logits.sum() * 0.0
         if bool(fg.any()):
             t_boxes = t_boxes / st  # grid units
             weight = t_scores.sum(-1)[fg]
             iou_loss = (complete_box_iou_loss(pred_boxes[fg], t_boxes[fg], reduction="none", eps=1e-7) * weight).sum() / t_sum
+        else:
+            iou_loss = dfl_loss
+        if bool(fg.any()) and self.reg_max > 1:
             target = bbox2dist(pts, t_boxes, self.reg_max)[fg]  # (P, 4)
             logits = box_logits[fg].view(-1, self.reg_max)
             tl = target.long().clamp(max=self.reg_max - 2)
@@ -735,8 +748,6 @@ class YOLOv10(nn.Module):
             dfl = (F.cross_entropy(logits, flat_l, reduction="none") * flat_wl
                    + F.cross_entropy(logits, flat_l + 1, reduction="none") * (1 - flat_wl)).view(-1, 4).mean(-1)
             dfl_loss = (dfl * weight).sum() / t_sum
-        else:
-            iou_loss = dfl_loss = box_logits.sum() * 0.0
         g = self.gains
         return torch.stack((iou_loss * g[0], cls_loss * g[1], dfl_loss * g[2]))
 
@@ -827,11 +838,16 @@ def official_key_map(key: str, head_index: int = 23) -> str:
     return ".".join([prefix] + rest)
 
 
-def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Our layout passes through; ultralytics / DocLayout-YOLO layouts (``model.<i>.*`` keys, e.g. the tensors
-    :func:`zoo.checkpoints.load_pickled_module_tensors` extracts from a released ``.pt``) are renamed."""
-    keys = list(state_dict)
-    if not any(k.startswith("model.") and k.split(".")[1].isdigit() for k in keys if k.count(".") > 1):
+def _is_official_key(k: str) -> bool:
+    parts = k.split(".")
+    return parts[0].isdigit() or (parts[0] == "model" and len(parts) > 2 and parts[1].isdigit())
+
+
+def checkpoint_filter_fn(state_dict: dict, model: Optional[nn.Module] = None) -> dict:
+    """Our layout passes through; ultralytics / DocLayout-YOLO layouts (``model.<i>.*`` keys, or ``<i>.*`` once the
+    ``model.`` prefix is stripped, e.g. the tensors :func:`zoo.checkpoints.load_pickled_module_tensors` extracts from
+    a released ``.pt``) are renamed by :func:`official_key_map`."""
+    if not any(_is_official_key(k) for k in state_dict):
         return dict(state_dict)
     return {official_key_map(k): v for k, v in state_dict.items()}
 
