@@ -228,6 +228,16 @@ def export_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="architecture override, repeatable: --override depths=(1,1,2,1)")
+    q = p.add_argument_group("int8 (static post-training quantization with onnxruntime, see zoo.deploy.quantize)")
+    q.add_argument("--int8", action="store_true", help="write an int8 ONNX model (QDQ, per-channel weights) and "
+                   "report its agreement with fp32 on the test split instead of the fp32 tolerance check")
+    q.add_argument("--calibrate", default=None, metavar="RECIPE_OR_DATA",
+                   help="calibration data: a recipe (name or YAML; its DataModule's train split, test split for the "
+                   "report) or a .npy/.pt file of images (N, C, H, W). Default for a training output: the config.yaml "
+                   "of its run")
+    q.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy"))
+    q.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
+    q.add_argument("--report", default=None, metavar="JSON", help="also write the int8 parity report as JSON")
     args = p.parse_args(argv)
 
     def work() -> int:
@@ -235,6 +245,11 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
         import zoo
         from zoo.deploy import ExportParityError, export
+
+        if args.int8 and args.format != "onnx":
+            raise ValueError("--int8 writes an ONNX model; drop --format or use --format onnx")
+        if not args.int8 and (args.calibrate or args.report):
+            raise ValueError("--calibrate / --report go with --int8")
 
         overrides = parse_overrides(args.override)
         if _looks_like_file(args.source):
@@ -269,6 +284,8 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         size = tuple(args.input_size) if args.input_size else tuple(model.pretrained_cfg.input_size)
         if args.in_chans is not None and not args.input_size:
             size = (args.in_chans, *size[1:])
+        if args.int8:
+            return _export_int8(model, args, size)
         x = torch.randn(args.batch_size, *size)
         try:
             path = export(
@@ -283,3 +300,39 @@ def export_main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     return _run("export", work)
+
+
+def _export_int8(model, args, size) -> int:
+    """``zoo export --int8``: calibrate on a recipe's data (default: the training output's own run config)."""
+    from zoo.deploy.quantize import QuantizationError, quantize
+
+    calib = args.calibrate
+    if calib is None and _looks_like_file(args.source):
+        src = Path(args.source).resolve()
+        found = [d / "config.yaml" for d in (src.parent, src.parent.parent) if (d / "config.yaml").is_file()]
+        calib = str(found[0]) if found else None
+    if calib is None:
+        raise ValueError("--int8 needs calibration data: --calibrate RECIPE (e.g. quickstart, the recipe the model "
+                         "was trained with) or --calibrate images.npy")
+    if args.no_reparameterize:
+        raise ValueError("--int8 quantizes the deploy form; drop --no-reparameterize")
+    try:
+        res = quantize(model, calib, args.output, method=args.calib_method, num_batches=args.calib_batches,
+                       input_size=size)
+    except QuantizationError as e:
+        return _error("export", f"int8: {e}", 1)
+    rep = res.report
+    if args.report:
+        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.report).write_text(json.dumps(rep, indent=2))
+    mb = Path(res.path).stat().st_size / 2**20
+    parts = [f"{rep['calibration_images']} calibration images ({args.calib_method})"]
+    if "top1_agreement" in rep:
+        parts.append(f"top-1 agreement with fp32 {100 * rep['top1_agreement']:.1f} % on {rep['images']} test images")
+    if "max_logit_err" in rep:
+        parts.append(f"max |int8 - fp32| {rep['max_logit_err']:.3g}")
+    if "int8_top1" in rep:
+        parts.append(f"accuracy fp32 {100 * rep['fp32_top1']:.1f} % / int8 {100 * rep['int8_top1']:.1f} %")
+    print(f"wrote {res.path} (int8 ONNX, {mb:.1f} MiB, input Nx{'x'.join(map(str, size))}; {'; '.join(parts)}; "
+          f"fp32 kept: {', '.join(rep['fp32_op_types']) or 'none'})")
+    return 0

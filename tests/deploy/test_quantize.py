@@ -1,0 +1,183 @@
+"""int8 post-training quantization (zoo.deploy.quantize, zoo export --int8) on tiny models and the embedded digits."""
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from zoo.deploy import QuantizationError, quantize
+from zoo.deploy.quantize import FAMILY_RULES, calibration_batches, ort_session
+
+
+class TinyNet(nn.Module):
+    """conv-BN-ReLU x2, pool, linear; ``attn`` adds a softmax mixing of the pooled tokens (a softmax to keep fp32)."""
+
+    def __init__(self, in_chans=1, attn=False):
+        super().__init__()
+        self.attn = attn
+        self.body = nn.Sequential(
+            nn.Conv2d(in_chans, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.BatchNorm2d(32), nn.ReLU(),
+        )
+        self.qk = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.attn:
+            t = x.flatten(2).transpose(1, 2)  # (B, N, C)
+            a = torch.softmax(self.qk(t) @ t.transpose(1, 2) / 32**0.5, -1)
+            x = (a @ t).mean(1)
+        else:
+            x = x.mean((2, 3))
+        return self.head(x)
+
+
+class TinyDetector(nn.Module):
+    """A conv 'head' followed by a decoding tail (exp, scaling, top-k) that must stay fp32."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.cls = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        s = self.cls(torch.relu(self.conv(x))).flatten(1)
+        return torch.topk(s.sigmoid() * 2.0 + 1.0, 5, dim=1).values
+
+
+class NoWeights(nn.Module):
+    def forward(self, x):
+        return torch.sigmoid(x).mean((2, 3))
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from zoo.data import DigitsDataModule
+
+    dm = DigitsDataModule(image_size=8, in_chans=1, batch_size=32)
+    dm.setup()
+    return dm
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """TinyNet trained for a few hundred steps on 8x8 digits (~1 s): clear margins, so agreement is meaningful."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    x, y = digits._splits["train"].tensors
+    for step in range(150):
+        i = torch.randint(0, len(x), (64,))
+        loss = nn.functional.cross_entropy(model(x[i]), y[i])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def quantized(trained, digits, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q")
+    res = quantize(trained, digits, out / "tiny.int8.onnx", num_batches=4, input_size=(1, 8, 8),
+                   fp32_path=out / "tiny.fp32.onnx")
+    return res
+
+
+def test_int8_agrees_with_fp32_on_the_test_split(quantized):
+    rep = quantized.report
+    assert rep["images"] == 359  # the digits test split, not the calibration batches
+    assert rep["calibration_images"] == 128 and rep["calibration_batches"] == 4
+    assert rep["top1_agreement"] >= 0.97
+    assert rep["fp32_top1"] > 0.8
+    assert abs(rep["fp32_top1"] - rep["int8_top1"]) <= 0.02
+    assert 0 < rep["max_logit_err"] < 0.1 * rep["outputs"][0]["fp32_scale"]
+
+
+def test_int8_file_is_qdq_per_channel_and_runs_at_any_batch(quantized):
+    graph = onnx.load(str(quantized.path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    inits = {t.name: t for t in graph.initializer}
+    # per-channel weights: a Conv's weight DequantizeLinear carries one scale per output channel
+    conv_w = [n for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+              and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
+    assert conv_w and all(list(inits[n.input[1]].dims) == [inits[n.input[0]].dims[0]] for n in conv_w)
+    assert quantized.path.stat().st_size < quantized.fp32_path.stat().st_size
+    sess = ort_session(quantized.path)
+    for b in (1, 3):
+        (out,) = sess.run(None, {sess.get_inputs()[0].name: np.random.rand(b, 1, 8, 8).astype(np.float32)})
+        assert out.shape == (b, 10)
+    assert not list(quantized.path.parent.glob(".*"))  # no temporary files left
+
+
+def test_calibration_is_deterministic_and_fixed_size(digits):
+    a = calibration_batches(digits, 3)
+    b = calibration_batches(digits, 3)
+    assert len(a) == 3 and all(torch.equal(u, v) for u, v in zip(a, b))
+    assert len(set(torch.cat([x for x in a]).sum((1, 2, 3)).tolist())) > 50  # shuffled, not one class
+
+
+def test_entropy_method_and_tail_and_softmax_kept_fp32(digits, tmp_path):
+    """A family rule keeps the attention softmax fp32; the tail after the last weighted layer stays fp32."""
+    torch.manual_seed(0)
+    res = quantize(TinyNet(attn=True).eval(), digits, tmp_path / "a.onnx", method="entropy", num_batches=2,
+                   input_size=(1, 8, 8), family="nextvit")
+    graph = onnx.load(str(res.path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    (sm,) = [n for n in graph.node if n.op_type == "Softmax"]
+    assert producer[sm.input[0]] != "DequantizeLinear" and res.report["family"] == "nextvit"
+    assert "Softmax" in res.report["fp32_op_types"]
+
+    det = quantize(TinyDetector().eval(), torch.randn(32, 1, 8, 8), tmp_path / "d.onnx", num_batches=4,
+                   min_samples=16, test_data=torch.randn(8, 1, 8, 8))
+    g = onnx.load(str(det.path)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    tail = [n for n in g.node if n.op_type in ("TopK", "Sigmoid")]
+    assert tail and all(producer.get(n.input[0]) != "DequantizeLinear" for n in tail)
+    assert det.report["fp32_tail_nodes"] >= 3 and det.report["max_logit_err"] < 0.05
+
+
+def test_family_rules_are_declared_once():
+    import zoo.vision.nextvit as nv
+
+    assert FAMILY_RULES["nextvit"].fp32_op_types == ("Softmax",)
+    from zoo.deploy.quantize import rule_for
+
+    assert rule_for(nv.NextViT.__new__(nv.NextViT))[0] == "nextvit"
+    assert rule_for(TinyNet())[0] == "default"  # a family without an entry gets the default rule
+
+
+def test_bad_input_gives_clear_errors_and_no_file(trained, digits, tmp_path):
+    out = tmp_path / "bad.onnx"
+    with pytest.raises(QuantizationError, match=r"calibration batch 0 has shape \(32, 1, 8, 8\).*\(N, 3, 32, 32\)"):
+        quantize(trained, digits, out, num_batches=2, input_size=(3, 32, 32))
+    with pytest.raises(QuantizationError, match="too few calibration samples.*1 batch"):
+        quantize(trained, torch.randn(5, 1, 8, 8), out, num_batches=2, input_size=(1, 8, 8))
+    with pytest.raises(QuantizationError, match="no op the int8 quantizer handles"):
+        quantize(NoWeights(), torch.randn(32, 1, 8, 8), out, num_batches=2, test_data=None)
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        quantize(trained, digits, out, method="kl")
+    assert not list(tmp_path.iterdir())  # nothing written, no temporary folder left
+
+
+def test_cli_export_int8(tmp_path, capsys):
+    from zoo.cli import main
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "calib.npy", rng.standard_normal((16, 1, 16, 16)).astype(np.float32))
+    np.save(tmp_path / "wrong.npy", rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    args = ["export", "snn_vgg16", "--override", "cfg=(8, 'A', 16, 'A')", "--override", "fc_dims=(32,)",
+            "--override", "img_size=16", "--override", "timesteps=1", "--in-chans", "1", "--num-classes", "10",
+            "--input-size", "1", "16", "16"]
+    out = tmp_path / "snn.int8.onnx"
+    assert main([*args, "-o", str(out), "--int8", "--calibrate", str(tmp_path / "wrong.npy"), "--calib-batches", "2"]) == 1
+    assert "calibration batch 0 has shape (8, 3, 16, 16)" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "-o", str(out), "--int8"]) == 2
+    assert "--int8 needs calibration data" in capsys.readouterr().err
+    rc = main([*args, "-o", str(out), "--int8", "--calibrate", str(tmp_path / "calib.npy"), "--calib-batches", "2",
+               "--calib-method", "percentile", "--report", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    msg = capsys.readouterr().out
+    assert "int8 ONNX" in msg and "top-1 agreement" in msg and out.exists()
+    assert '"method": "percentile"' in (tmp_path / "r.json").read_text()

@@ -1,0 +1,468 @@
+"""Static int8 post-training quantization of the deploy form, with onnxruntime's quantization tooling.
+
+    from zoo.deploy import quantize
+    res = quantize(model, "quickstart", "model.int8.onnx", method="percentile")   # recipe name, DataModule, tensor
+    print(res.report)      # int8 vs fp32 on the test split: top-1 agreement, max logit error, accuracies
+
+Flow: reparameterize -> fp32 ONNX (``zoo.deploy.export``, parity-checked) -> onnxruntime's ``quant_pre_process``
+(shape inference, graph fusions) -> ``quantize_static`` in QDQ format (int8 per-channel symmetric weights, uint8
+activations calibrated on a fixed number of batches, MinMax / Percentile / Entropy) -> a parity report of the int8
+model against the fp32 one on the test split. The file appears at ``path`` only when everything passed.
+
+What stays fp32 is declared in one place, :data:`FAMILY_RULES`: every family gets the default rule (weighted layers
+and the ops between them quantized, the tail after the last weighted layer, e.g. a detector's box decoding and NMS,
+left in fp32); a family that needs more (attention softmax in fp32, ...) adds an entry keyed by its module name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METHODS = ("minmax", "percentile", "entropy")
+# ops onnxruntime quantizes in QDQ form by default; everything else (Softmax, Exp, Div, Greater, NonMaxSuppression,
+# TopK on scores, ...) stays fp32 unless a family rule adds it
+DEFAULT_OP_TYPES = (
+    "Conv", "ConvTranspose", "MatMul", "Gemm", "Add", "Mul", "Concat", "Relu", "Clip", "MaxPool", "AveragePool",
+    "GlobalAveragePool", "Resize", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice",
+)
+WEIGHTED_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+class QuantizationError(RuntimeError):
+    """Quantization could not produce a usable int8 model (bad calibration data, an op the tooling cannot handle)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """What a family keeps in fp32 and why.
+
+    Args:
+        fp32_op_types: op types never quantized (on top of everything outside ``DEFAULT_OP_TYPES``).
+        fp32_outputs_of: op types whose outputs stay fp32 (their inputs and weights are still int8).
+        fp32_tail: keep every node after the last weighted layer in fp32 (post-processing, decoding).
+        why: the reason, shown in the report.
+    """
+
+    fp32_op_types: tuple[str, ...] = ()
+    fp32_outputs_of: tuple[str, ...] = ()
+    fp32_tail: bool = True
+    why: str = ""
+
+
+# THE place where families declare their int8 special handling, keyed by the last part of the model class's module
+# (``zoo.vision.nextvit`` -> ``nextvit``); families without an entry (DocLayout-YOLO, new ones) get the default.
+FAMILY_RULES: dict[str, QuantRule] = {
+    "default": QuantRule(why="weighted layers and the ops between them in int8; the tail after the last weighted "
+                             "layer (decoding, NMS) in fp32"),
+    "nextvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32 (E-MHSA)"),
+    "fastvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32 (stage-4 MHSA)"),
+    "mobileclip": QuantRule(fp32_op_types=("Softmax", "LayerNormalization"),
+                            why="attention softmax and LayerNorm in fp32 (text and image transformers)"),
+    "fmvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32"),
+    "pp_mobileseg": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32"),
+    "mobiledets": QuantRule(why="box decoding, score sigmoid and NMS after the SSDLite head in fp32"),
+}
+
+
+def rule_for(model: nn.Module) -> tuple[str, QuantRule]:
+    family = type(model).__module__.rsplit(".", 1)[-1]
+    return (family, FAMILY_RULES[family]) if family in FAMILY_RULES else ("default", FAMILY_RULES["default"])
+
+
+@dataclasses.dataclass
+class QuantizationResult:
+    path: Path
+    report: dict[str, Any]
+    fp32_path: Path | None = None
+
+    def session(self, threads: int | None = None):
+        return ort_session(self.path, threads)
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session with all graph optimizations (QDQ pairs fuse into QLinear* / int8 kernels)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def datamodule_from_recipe(recipe: str | os.PathLike):
+    """Instantiate the DataModule of a recipe (packaged name or YAML file) without building its model or trainer.
+
+    The recipe's ``data`` section is used as Lightning's CLI would; the model name is passed on like the CLI's link
+    (``model.init_args.model_name`` -> ``data.init_args.model_name``) when the DataModule takes one.
+    """
+    import importlib
+    import inspect
+
+    import yaml
+
+    from zoo.recipes import resolve_recipe
+
+    path = resolve_recipe(str(recipe))
+    cfg = yaml.safe_load(Path(path).read_text()) or {}
+    data = cfg.get("data")
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"recipe {path} has no data: class_path section to calibrate with")
+    mod, _, name = data["class_path"].rpartition(".")
+    cls = getattr(importlib.import_module(mod), name)
+    kwargs = dict(data.get("init_args") or {})
+    model_name = ((cfg.get("model") or {}).get("init_args") or {}).get("model_name")
+    if model_name and "model_name" in inspect.signature(cls).parameters and "model_name" not in kwargs:
+        kwargs["model_name"] = model_name
+    return cls(**kwargs)
+
+
+def _images(batch) -> torch.Tensor:
+    """The image tensor of a batch: a tensor, the first item of a tuple/list, or ``batch['image'|'images'|...]``."""
+    if isinstance(batch, dict):
+        for k in ("image", "images", "pixel_values", "input"):
+            if k in batch:
+                return _images(batch[k])
+        raise QuantizationError(f"a calibration batch is a dict without an image entry (keys {sorted(batch)})")
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise QuantizationError("an empty calibration batch")
+        if isinstance(batch[0], torch.Tensor) and batch[0].dim() == 3 and len(batch) > 1 and all(
+            isinstance(b, torch.Tensor) and b.shape == batch[0].shape for b in batch
+        ):
+            return torch.stack(list(batch))  # a list of same-size images
+        return _images(batch[0])
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise QuantizationError(f"a calibration batch of type {type(batch).__name__}; expected images (N, C, H, W)")
+    return batch
+
+
+def _labels(batch):
+    if isinstance(batch, (tuple, list)) and len(batch) > 1 and not isinstance(batch[0], (int, float)):
+        return batch[1]
+    if isinstance(batch, dict):
+        return batch.get("label", batch.get("labels"))
+    return None
+
+
+def _loader(data, split: str):
+    """An iterable of batches for ``split`` from a DataModule, recipe, tensor/array/file or iterable of batches."""
+    if isinstance(data, (str, os.PathLike)):
+        p = Path(data)
+        if p.suffix in (".npy", ".pt", ".pth") and p.is_file():
+            arr = torch.from_numpy(np.load(p)) if p.suffix == ".npy" else torch.load(p, map_location="cpu",
+                                                                                    weights_only=True)
+            return _loader(arr, split)
+        data = datamodule_from_recipe(data)
+    if isinstance(data, np.ndarray):
+        data = torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 4:
+            raise QuantizationError(f"calibration images of shape {tuple(data.shape)}; expected (N, C, H, W)")
+        return [data[i:i + 8] for i in range(0, len(data), 8)]
+    if hasattr(data, "train_dataloader") and hasattr(data, "setup"):  # a LightningDataModule
+        data.setup("fit" if split == "train" else split)
+        return getattr(data, f"{split}_dataloader")()
+    return data
+
+
+def calibration_batches(data, num_batches: int, split: str = "train", seed: int = 0) -> list[torch.Tensor]:
+    """The first ``num_batches`` image batches of ``split`` (deterministic: the loader's sampler and any augmentation
+    draw from generators seeded with ``seed``)."""
+    if num_batches < 1:
+        raise ValueError(f"num_batches must be >= 1 (got {num_batches})")
+    loader = _loader(data, split)
+    out: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for batch in loader:
+            out.append(_images(batch).detach().float().cpu())
+            if len(out) == num_batches:
+                break
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- graph
+
+
+def _tail_nodes(model_proto) -> list[str]:
+    """Names of the nodes that come after the last weighted layer on every path (no weighted descendant)."""
+    nodes = list(model_proto.graph.node)
+    consumers: dict[str, list[int]] = {}
+    for i, n in enumerate(nodes):
+        for t in n.input:
+            consumers.setdefault(t, []).append(i)
+    feeds: dict[int, bool] = {}  # node -> some weighted node at or after it
+
+    def leads(i: int, depth: int = 0) -> bool:
+        if i in feeds:
+            return feeds[i]
+        feeds[i] = False  # graphs are acyclic; guards recursion
+        n = nodes[i]
+        res = n.op_type in WEIGHTED_OP_TYPES or any(leads(j) for t in n.output for j in consumers.get(t, ()))
+        feeds[i] = res
+        return res
+
+    import sys
+
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10 * len(nodes) + 1000))
+    try:
+        # visit from the end backwards so the recursion stays shallow on long chains
+        for i in reversed(range(len(nodes))):
+            leads(i)
+    finally:
+        sys.setrecursionlimit(limit)
+    return [nodes[i].name for i in range(len(nodes)) if not feeds[i]]
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over fixed numpy batches."""
+
+    def __init__(self, name: str, batches: Sequence[np.ndarray]):
+        self.name, self.batches, self.i = name, list(batches), 0
+
+    def get_next(self):
+        if self.i >= len(self.batches):
+            return None
+        self.i += 1
+        return {self.name: self.batches[self.i - 1]}
+
+    def rewind(self):
+        self.i = 0
+
+
+def _ort_method(method: str):
+    from onnxruntime.quantization import CalibrationMethod
+
+    m = method.lower().replace("-", "").replace("_", "")
+    table = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+             "entropy": CalibrationMethod.Entropy}
+    if m not in table:
+        raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
+    return table[m]
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _outputs(sess, x: np.ndarray) -> list[np.ndarray]:
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def parity_report(fp32_path, int8_path, batches: Iterable, threads: int | None = None) -> dict[str, Any]:
+    """int8 against fp32 (both run by onnxruntime) on ``batches`` of images or (images, labels).
+
+    For every output: max / mean absolute error and the fp32 output scale; for an output with a class axis (last),
+    the agreement of the arg-max (top-1 agreement for logits; per-anchor class for a detector head). With integer
+    labels, fp32 and int8 top-1 accuracy.
+    """
+    s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
+    n = 0
+    stats: list[dict[str, float]] = []
+    correct32 = correct8 = labelled = 0
+    for batch in batches:
+        x = _images(batch).float().numpy()
+        y = _labels(batch)
+        o32, o8 = _outputs(s32, x), _outputs(s8, x)
+        if not stats:
+            stats = [dict(max_abs_err=0.0, sum_abs_err=0.0, count=0, scale=0.0, agree=0, argmax_n=0) for _ in o32]
+        for st, a, b in zip(stats, o32, o8):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if a.size == 0:
+                continue
+            d = np.abs(a - b)
+            st["max_abs_err"] = max(st["max_abs_err"], float(d.max()))
+            st["sum_abs_err"] += float(d.sum())
+            st["count"] += d.size
+            st["scale"] = max(st["scale"], float(np.abs(a).max()))
+            if a.ndim >= 2 and a.shape[-1] > 1 and np.issubdtype(np.asarray(o32[0]).dtype, np.floating):
+                st["agree"] += int((a.argmax(-1) == b.argmax(-1)).sum())
+                st["argmax_n"] += int(np.prod(a.shape[:-1]))
+        if isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point() and o32[0].ndim == 2:
+            yy = y.numpy()
+            correct32 += int((o32[0].argmax(-1) == yy).sum())
+            correct8 += int((o8[0].argmax(-1) == yy).sum())
+            labelled += len(yy)
+        n += len(x)
+    if n == 0:
+        raise QuantizationError("the test data for the parity report is empty")
+    outs = []
+    for st in stats:
+        o = {"max_abs_err": st["max_abs_err"], "mean_abs_err": st["sum_abs_err"] / max(1, st["count"]),
+             "fp32_scale": st["scale"]}
+        if st["argmax_n"]:
+            o["argmax_agreement"] = st["agree"] / st["argmax_n"]
+        outs.append(o)
+    rep: dict[str, Any] = {"images": n, "outputs": outs}
+    if "argmax_agreement" in outs[0]:
+        rep["top1_agreement"] = outs[0]["argmax_agreement"]
+    rep["max_logit_err"] = outs[0]["max_abs_err"]
+    if labelled:
+        rep["fp32_top1"], rep["int8_top1"] = correct32 / labelled, correct8 / labelled
+    return rep
+
+
+# ------------------------------------------------------------------------------------------------- quantize
+
+
+def quantize(
+    model: nn.Module,
+    calibration_data,
+    path: str | os.PathLike,
+    *,
+    method: str = "minmax",
+    num_batches: int = 8,
+    min_samples: int = 16,
+    percentile: float = 99.999,
+    per_channel: bool = True,
+    test_data="auto",
+    reparameterize: bool = True,
+    input_size: Sequence[int] | None = None,
+    fp32_path: str | os.PathLike | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    family: str | None = None,
+) -> QuantizationResult:
+    """Static int8 quantization of ``model``'s deploy form to an ONNX file run by onnxruntime.
+
+    Args:
+        calibration_data: a recipe (packaged name such as ``"quickstart"`` or a YAML path; its DataModule's train
+            split is used), a LightningDataModule, an iterable of batches (images or (images, labels)), a tensor /
+            array (N, C, H, W) or a ``.npy`` / ``.pt`` file of one.
+        path: the int8 ONNX file to write (only written when quantization and the report succeeded).
+        method: activation calibration, ``minmax``, ``percentile`` (``percentile`` of |x|) or ``entropy``.
+        num_batches: calibration batches (the first ones of the split, deterministic); at least ``min_samples``
+            images in all.
+        test_data: what the parity report runs on: ``"auto"`` (the test split when ``calibration_data`` is a
+            recipe or DataModule, else the calibration batches), anything ``calibration_data`` accepts, or ``None``.
+        input_size: (C, H, W) the model takes (default: ``model.pretrained_cfg.input_size``); calibration batches of
+            another shape are refused.
+        fp32_path: also keep the fp32 ONNX file the int8 one was made from.
+        family: the :data:`FAMILY_RULES` entry to apply (default: the one of the model class's module).
+
+    Returns:
+        :class:`QuantizationResult` with ``path`` and ``report`` (family rule, quantized node counts and the int8 vs
+        fp32 parity: ``top1_agreement``, ``max_logit_err``, accuracies when the test data has labels).
+    """
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from zoo.deploy.export import export
+
+    import onnx
+
+    calib_method = _ort_method(method)
+    path = Path(path)
+    if family is not None and family not in FAMILY_RULES:
+        raise ValueError(f"unknown family {family!r}; FAMILY_RULES has {', '.join(FAMILY_RULES)}")
+    family, rule = rule_for(model) if family is None else (family, FAMILY_RULES[family])
+    batches = calibration_batches(calibration_data, num_batches, "train", seed)
+    n_calib = sum(len(b) for b in batches)
+    if len(batches) < num_batches or n_calib < min_samples:
+        raise QuantizationError(
+            f"too few calibration samples: the data gave {len(batches)} batch(es), {n_calib} image(s); "
+            f"num_batches={num_batches} and at least min_samples={min_samples} images are needed (pass more data, "
+            "or lower num_batches / min_samples)")
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None)
+        input_size = getattr(cfg, "input_size", None) if cfg is not None and not isinstance(cfg, dict) else (
+            cfg.get("input_size") if isinstance(cfg, dict) else None)
+    for i, b in enumerate(batches):
+        if b.dim() != 4 or (input_size is not None and tuple(b.shape[1:]) != tuple(input_size)):
+            want = f"(N, {', '.join(map(str, input_size))})" if input_size is not None else "(N, C, H, W)"
+            raise QuantizationError(
+                f"calibration batch {i} has shape {tuple(b.shape)} but the model takes {want}: calibrate with the "
+                "data (recipe) the model was trained with, or pass input_size= for a model exported at another size")
+        if not torch.isfinite(b).all():
+            raise QuantizationError(f"calibration batch {i} holds NaN or inf values")
+    if test_data == "auto":
+        is_dm = isinstance(calibration_data, (str, os.PathLike)) and not str(calibration_data).endswith(
+            (".npy", ".pt", ".pth")) or hasattr(calibration_data, "test_dataloader")
+        test_data = _loader(calibration_data, "test") if is_dm else batches
+    elif test_data is not None:
+        test_data = _loader(test_data, "test")
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.part")
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as work:
+        work = Path(work)
+        f32, pre = work / "fp32.onnx", work / "pre.onnx"
+        example = batches[0][:2]
+        try:
+            export(model, f32, "onnx", example_input=example, reparameterize=reparameterize, check=True)
+        except Exception as e:  # noqa: BLE001 - named for the user
+            raise QuantizationError(f"the deploy form of {type(model).__name__} does not export to ONNX, so it "
+                                    f"cannot be quantized: {type(e).__name__}: {e}") from e
+        try:
+            quant_pre_process(str(f32), str(pre), skip_symbolic_shape=False)
+        except Exception as e:  # noqa: BLE001 - fusions are an optimization; quantize the exported graph as is
+            log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph without its fusions", e)
+            pre = f32
+        proto = onnx.load(str(pre))
+        present = {n.op_type for n in proto.graph.node}
+        op_types = [t for t in DEFAULT_OP_TYPES if t in present and t not in rule.fp32_op_types]
+        if not any(t in present for t in WEIGHTED_OP_TYPES):
+            raise QuantizationError(
+                f"{type(model).__name__} has no op the int8 quantizer handles (no Conv / MatMul / Gemm in its ONNX "
+                f"graph; ops: {', '.join(sorted(present))}): nothing to quantize")
+        exclude = _tail_nodes(proto) if rule.fp32_tail else []
+        input_name = proto.graph.input[0].name
+        extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": percentile,
+                 "CalibTensorRangeSymmetric": False}
+        if rule.fp32_outputs_of:
+            extra["OpTypesToExcludeOutputQuantization"] = list(rule.fp32_outputs_of)
+        del proto
+        try:
+            quantize_static(
+                str(pre), str(tmp), _Reader(input_name, [b.numpy() for b in batches]),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=per_channel,
+                reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude, calibrate_method=calib_method, extra_options=extra,
+            )
+            qproto = onnx.load(str(tmp))
+            n_q = sum(n.op_type == "QuantizeLinear" for n in qproto.graph.node)
+            n_dq = sum(n.op_type == "DequantizeLinear" for n in qproto.graph.node)
+            fp32_ops = sorted({n.op_type for n in qproto.graph.node if n.op_type not in op_types
+                               and n.op_type not in ("QuantizeLinear", "DequantizeLinear")})
+            del qproto
+            if n_dq == 0:
+                raise QuantizationError(f"onnxruntime quantized no node of {type(model).__name__}")
+            report: dict[str, Any] = {
+                "family": family, "rule": rule.why, "method": method, "per_channel": per_channel,
+                "calibration_batches": len(batches), "calibration_images": n_calib,
+                "quantize_nodes": n_q, "dequantize_nodes": n_dq, "fp32_op_types": fp32_ops,
+                "fp32_tail_nodes": len(exclude),
+            }
+            if test_data is not None:
+                report.update(parity_report(f32, tmp, test_data, threads))
+            if fp32_path is not None:
+                fp32_path = Path(fp32_path)
+                fp32_path.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(f32, fp32_path)
+            os.replace(tmp, path)
+        except QuantizationError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the quantizer's own errors name the node; say what failed
+            raise QuantizationError(f"onnxruntime could not quantize {type(model).__name__}: {type(e).__name__}: {e}"
+                                    ) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+    return QuantizationResult(path=path, report=report, fp32_path=Path(fp32_path) if fp32_path else None)
