@@ -83,6 +83,23 @@ def _segmentation_args(layout: str):
     return rule
 
 
+
+def _yolo_layout_args(tmp: Path) -> list[str]:
+    """A tiny YOLO-format layout folder (images/ + labels/, class ids 0..2, valid for every layout recipe's names)."""
+    from PIL import Image
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2)):
+        for i in range(n):
+            (tmp / "yolo" / "images" / split).mkdir(parents=True, exist_ok=True)
+            (tmp / "yolo" / "labels" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)).save(tmp / "yolo" / "images" / split / f"{i}.png")
+            (tmp / "yolo" / "labels" / split / f"{i}.txt").write_text(f"{i % 3} 0.5 0.5 0.4 0.3\n")
+    return [f"--data.init_args.root={tmp / 'yolo'}", "--data.init_args.train=images/train", "--data.init_args.val=images/val",
+            "--data.init_args.test=null", "--data.init_args.image_size=64", "--data.init_args.batch_size=2",
+            "--data.init_args.eval_batch_size=2", "--data.init_args.num_workers=0"]
+
 # data class_path -> function(tmp_path) returning CLI overrides that make the recipe run on tiny local data.
 TINY_DATA_RULES = {
     "zoo.data.segmentation.GeneratedScenes": lambda tmp: [
@@ -95,6 +112,11 @@ TINY_DATA_RULES = {
     "zoo.data.ImageFolderDataModule": _image_folder_args,
     "zoo.data.text.TextDataModule": _text_args,
     "zoo.data.detection.COCODetection": _detection_args,
+    "zoo.data.layout.YOLODetection": _yolo_layout_args,
+    "zoo.data.layout.DocSynthDetection": lambda tmp: [
+        "--data.init_args.splits={train: 4, val: 2, test: 2}", "--data.init_args.width_range=[96, 128]",
+        f"--data.init_args.data_dir={tmp / 'docsynth'}", "--data.init_args.image_size=64",
+        "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2"],
     "zoo.data.clip_data.DigitsCLIPDataModule": lambda tmp: ["--data.init_args.batch_size=8"],
     "zoo.data.clip_data.ReinforcedDataModule": _reinforced_args,
 }
@@ -108,6 +130,9 @@ TINY_MODEL_RULES = {
            "--model.init_args.fsdp_param_dtype=null"]
     for name in ("lfm2_1_2b", "lfm2_2_6b")
 }
+# the DocLayout-YOLO paper recipes at yolov10n's depth and width (same GL-CRM layer list): two steps of the full m
+# take minutes on this machine
+TINY_MODEL_RULES["doclayout_yolo_m"] = ["--model.init_args.model_args={scale: [0.33, 0.25, 1024]}"]
 
 
 def _is_lightning_recipe(cfg: dict) -> bool:
