@@ -261,9 +261,11 @@ def ssd_recurrent(x, dt, a, b, c, d=None, initial_state=None):
 
 def ssd_chunked(x, dt, a, b, c, d=None, initial_state=None, chunk_size: int = 256):
     """The SSD (state-space duality) chunked scan: within a chunk a masked, decay-weighted ``C B^T`` product, between
-    chunks the state is carried. Same arguments and result as :func:`ssd_recurrent`."""
+    chunks the state is carried. Same arguments and result as :func:`ssd_recurrent`. ``C B^T`` is formed once per
+    group (not per head) and every contraction is a batched matrix product (no 6-D einsum intermediates)."""
     bsz, t, h, p = x.shape
     g, n = b.shape[2], b.shape[3]
+    rep = h // g
     cs = chunk_size
     pad = (-t) % cs
     x, dt, b, c = x.float(), dt.float(), b.float(), c.float()
@@ -272,32 +274,32 @@ def ssd_chunked(x, dt, a, b, c, d=None, initial_state=None, chunk_size: int = 25
         x, b, c = (F.pad(z, (0, 0, 0, 0, 0, pad)) for z in (x, b, c))
         dt = F.pad(dt, (0, 0, 0, pad))
     nc = (t + pad) // cs
-    b, c = b.repeat_interleave(h // g, 2), c.repeat_interleave(h // g, 2)
-    x = x.reshape(bsz, nc, cs, h, p)
-    b, c = b.reshape(bsz, nc, cs, h, n), c.reshape(bsz, nc, cs, h, n)
-    dt = dt.reshape(bsz, nc, cs, h)
-    acs = torch.cumsum(dt * a, 2)  # [B, nc, cs, H] cumulative log decay inside each chunk
-    xdt = x * dt[..., None]
+    # layouts: heads as [g, rep], time last-but-one -> [B, nc, g, rep, cs, *]
+    xg = x.reshape(bsz, nc, cs, g, rep, p).permute(0, 1, 3, 4, 2, 5)
+    bg = b.reshape(bsz, nc, cs, g, n).permute(0, 1, 3, 2, 4)[:, :, :, None]  # [B, nc, g, 1, cs, n]
+    cg = c.reshape(bsz, nc, cs, g, n).permute(0, 1, 3, 2, 4)[:, :, :, None]
+    dtg = dt.reshape(bsz, nc, cs, g, rep).permute(0, 1, 3, 4, 2)  # [B, nc, g, rep, cs]
+    acs = torch.cumsum(dtg * a.reshape(g, rep, 1), -1)  # cumulative log decay inside each chunk
+    xdt = xg * dtg[..., None]
     # intra-chunk: y_t += sum_{s<=t} exp(acs_t - acs_s) (C_t . B_s) dt_s x_s
-    seg = acs.permute(0, 1, 3, 2)  # [B, nc, H, cs]
-    diff = seg[..., :, None] - seg[..., None, :]
-    causal = torch.ones(cs, cs, dtype=torch.bool, device=x.device).tril()
-    decay = torch.exp(diff.masked_fill(~causal, float("-inf")))  # [B, nc, H, cs(t), cs(s)]
-    scores = torch.einsum("bzthn,bzshn->bzhts", c, b) * decay
-    y = torch.einsum("bzhts,bzshp->bzthp", scores, xdt)
-    # what each chunk adds to the state at its end
-    to_end = torch.exp(acs[:, :, -1:] - acs)  # [B, nc, cs, H]
-    chunk_states = torch.einsum("bzsh,bzshp,bzshn->bzhpn", to_end, xdt, b)
-    chunk_decay = torch.exp(acs[:, :, -1])  # [B, nc, H]
+    decay = torch.exp((acs[..., :, None] - acs[..., None, :]).clamp_max(0)).tril()  # [B, nc, g, rep, cs, cs]
+    scores = cg @ bg.transpose(-1, -2)  # [B, nc, g, 1, cs, cs]: once per group
+    y = (scores * decay) @ xdt  # [B, nc, g, rep, cs, p]
+    # what each chunk adds to the state at its end: sum_s exp(acs_end - acs_s) dt_s x_s B_s^T
+    to_end = torch.exp(acs[..., -1:] - acs)  # [B, nc, g, rep, cs]
+    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ bg  # [B, nc, g, rep, p, n]
+    chunk_decay = torch.exp(acs[..., -1])  # [B, nc, g, rep]
     s = initial_state.float() if initial_state is not None else x.new_zeros(bsz, h, p, n)
+    s = s.reshape(bsz, g, rep, p, n)
     inter = []
     for i in range(nc):
-        inter.append(torch.einsum("bthn,bhpn->bthp", c[:, i], s) * torch.exp(acs[:, i])[..., None])
-        s = s * chunk_decay[:, i, :, None, None] + chunk_states[:, i]
-    y = (y + torch.stack(inter, 1)).reshape(bsz, nc * cs, h, p)[:, :t]
+        inter.append((cg[:, i] @ s.transpose(-1, -2)) * torch.exp(acs[:, i])[..., None])  # [B, g, rep, cs, p]
+        s = s * chunk_decay[:, i, ..., None, None] + chunk_states[:, i]
+    y = y + torch.stack(inter, 1)
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(bsz, nc * cs, h, p)[:, :t]
     if d is not None:
         y = y + x_in * d.float()[:, None]
-    return y, s
+    return y, s.reshape(bsz, h, p, n)
 
 
 def gated_rms_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, groups: int = 1):
