@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from zoo.language.hybrid import HybridConfig, HybridLM, hf_model_classes
+import zoo.layers.recurrent_mixers  # noqa: F401,E402  (registers deltanet / mamba2 / ffn for custom layer_types)
 from zoo.registry import CheckpointSource, ModelCfg, register_model
 
 log = logging.getLogger(__name__)
