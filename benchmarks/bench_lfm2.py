@@ -11,9 +11,9 @@ Definitions
 - decode tok/s (batch 1): median time of single-token steps (forward + argmax) after a cache holding ``context``
   tokens, each round starting from a copy of the same prefilled cache.
 - bandwidth bound: bytes read per decoded token -- every weight once (the tied embedding in full, as the head; int8:
-  int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth
-  (best of 3 streaming sums over a 1 GiB buffer, same threads) measured in every round between the paths; the
-  percentages use the median bandwidth of the rounds.
+  int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth,
+  measured as the best of 3 streaming sums over a buffer of exactly those bytes (at least 64 MiB; same threads) in
+  every round between the paths; the percentages use the median bandwidth of the rounds.
 - prefill tok/s: a ``--prefill-len`` prompt at batch 1 with a fresh cache, next-token logits only; its bound is the
   prompt's FLOPs (2 x non-embedding linear weights per token + causal attention + one head row) at the peak GEMM rate
   (best of 3 [prefill-len x hidden] @ [hidden x ffn] products in that dtype, measured in every round).
@@ -54,18 +54,23 @@ def _best(fn, n: int = 3) -> float:
 
 
 class Limits:
-    """Read bandwidth and peak GEMM rate, sampled between the measured paths (the load moves both)."""
+    """Read bandwidth and peak GEMM rate, sampled between the measured paths (the load moves both).
 
-    def __init__(self, gib: float, hidden: int, ffn: int, m: int):
-        self.buf = torch.ones(int(gib * (1 << 30)) // 4)
-        self.bytes = self.buf.numel() * 4
+    The bandwidth is measured by streaming (summing) a buffer of exactly the bytes one decoded token reads, so the
+    bound takes as long as an ideal decode step and meets the same time slicing on a shared machine (a short probe
+    would be preempted less often than a long step and overstate the bound)."""
+
+    def __init__(self, max_bytes: int, hidden: int, ffn: int, m: int):
+        self.buf = torch.ones(max_bytes // 4 + 1)
         self.mats = {dt: (torch.randn(m, hidden).to(dt), torch.randn(hidden, ffn).to(dt))
                      for dt in (torch.float32, torch.bfloat16)}
         self.bw: list[float] = []
         self.gemm: dict[torch.dtype, list[float]] = {dt: [] for dt in self.mats}
+        self.nbytes = max_bytes
 
     def sample_bw(self) -> float:
-        self.bw.append(self.bytes / _best(self.buf.sum))
+        part = self.buf[: self.nbytes // 4]
+        self.bw.append(part.numel() * 4 / _best(part.sum))
         return self.bw[-1]
 
     def sample_gemm(self, dt: torch.dtype) -> float:
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
         hf_version = transformers.__version__
     ours, ref = build_pair(args.tiny, not args.no_hf)
     cfg = ours.config
-    limits = Limits(1 / 16 if args.tiny else 1.0, cfg.hidden_size, cfg.intermediate_size, args.prefill_len)
+    most = weight_bytes(ours) + kv_bytes(cfg, max(args.contexts) + args.decode_steps, 4)
+    limits = Limits(max(most, 64 << 20), cfg.hidden_size, cfg.intermediate_size, args.prefill_len)
     gen = torch.Generator().manual_seed(0)
     vocab = cfg.vocab_size
     with torch.inference_mode():  # same weights, same numbers
@@ -299,6 +305,7 @@ def main(argv=None) -> int:
         for ctx in args.contexts:
             ids = torch.randint(10, vocab, (1, ctx), generator=gen)
             bw0 = len(limits.bw)
+            limits.nbytes = max(wb + kv_bytes(cfg, ctx + args.decode_steps // 2, act.itemsize), 64 << 20)
             med = decode_rounds(runners, ids, args.decode_steps, args.repeats, limits)
             bw = statistics.median(limits.bw[bw0:])
             bytes_tok = wb + kv_bytes(cfg, ctx + args.decode_steps // 2, act.itemsize)
