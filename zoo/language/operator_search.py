@@ -10,7 +10,8 @@ scale, on the hybrid decoder of :mod:`zoo.language.hybrid`:
   searched together at equal size;
 * every candidate is trained for the same ``steps`` updates on the same batches of the stdlib corpus
   (:class:`zoo.data.text.TextDataModule`, byte tokenizer) and scored by held-out **bits per byte**; its **decode
-  latency** (ms per token with the cache after a ``decode_context``-token prompt, batch 1) is measured on this machine;
+  latency** (ms per token with the cache after a ``decode_context``-token prompt, batch 1; the lowest of 3 rounds'
+  medians, the round least disturbed on a shared CPU) is measured on this machine;
 * aging evolution (Real et al. 2019): the first ``population`` candidates are random; after that each one is a
   mutation (change one mixer, toggle one FFN, insert or delete a layer) of the best of ``sample`` candidates drawn from
   the ``population`` most recent ones, so the oldest -- not the worst -- leave the population. The fitness is bits
@@ -372,13 +373,15 @@ def train_and_score(model, data: CorpusData, *, steps: int, batch_size: int, lr:
 
 
 @torch.inference_mode()
-def decode_latency_ms(model, context: int, steps: int, vocab_size: int, repeats: int = 1) -> float:
-    """Median ms per decoded token (batch 1, with the cache) after a ``context``-token prompt."""
+def decode_latency_ms(model, context: int, steps: int, vocab_size: int, repeats: int = 3) -> float:
+    """ms per decoded token (batch 1, with the cache) after a ``context``-token prompt: the median step of each of
+    ``repeats`` rounds, and the lowest of those (the round least disturbed by other processes on a shared CPU)."""
     model.eval()
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, vocab_size, (1, context), generator=g)
-    times = []
+    rounds = []
     for _ in range(repeats):
+        times = []
         cache = model.new_cache(context + steps + 1)
         logits = model(prompt, cache=cache, logits_to_keep=1)
         tok = logits[:, -1].argmax(-1, keepdim=True)
@@ -388,7 +391,8 @@ def decode_latency_ms(model, context: int, steps: int, vocab_size: int, repeats:
             tok = logits[:, -1].argmax(-1, keepdim=True)
             if j:
                 times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+        rounds.append(statistics.median(times))
+    return min(rounds)
 
 
 # ---------------------------------------------------------------------------------------------- evolution
