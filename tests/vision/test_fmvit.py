@@ -48,22 +48,35 @@ def _assert_plain_deploy_graph(d: torch.nn.Module) -> None:
             assert m.deployed and isinstance(m.pool, torch.nn.Identity) and m.conv.groups == m.dim
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_deploy_fold_is_exact_and_onnx_matches(name, tmp_path):
+def _folded(name):
     torch.manual_seed(0)
     m = randomize_batchnorms(zoo.create_model(name, num_classes=10, **SMALL), seed=NAMES.index(name)).eval()
     assert count_foldable_batchnorms(m) > 20
-    d = reparameterize(m)
+    return m, reparameterize(m)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deploy_fold_is_exact(name):
+    m, d = _folded(name)
     _assert_plain_deploy_graph(d)
     x = torch.randn(2, 3, 64, 48)  # batch > 1, non-square; every stage's K/V reduction sees >= 1 token
     with torch.no_grad():
         for fn in (lambda n, t: n(t), lambda n, t: n.forward_head(n.forward_features(t), pre_logits=True)):
             a, b = fn(m, x), fn(d, x)
             assert (a - b).abs().max().item() <= 1e-5 * a.abs().max().item()
-    # ONNX of the deploy form (parity at another batch size is checked inside export; re-checked here explicitly)
+    assert count_foldable_batchnorms(m) > 20  # the training form is untouched
+
+
+# The deploy forms of all sizes export the same ops (plain convs, K/V reduction, attention, gMLP, head); they differ
+# in widths and in the stem (two convs: tiny / small; four: medium / base / large). One size per stem kind is
+# exported (an ONNX export with its parity runs takes seconds).
+@pytest.mark.parametrize("name", ["fmvit_tiny", "fmvit_medium"])
+def test_deploy_form_onnx_matches(name, tmp_path):
+    _, d = _folded(name)
+    x = torch.randn(2, 3, 64, 48)
+    # parity at another batch size is checked inside export; re-checked here explicitly
     path = export(d, tmp_path / f"{name}.onnx", example_input=x[:1], reparameterize=False)
     assert onnx_parity(path, d, x) < 1e-4
-    assert count_foldable_batchnorms(m) > 20  # the training form is untouched
 
 
 def test_deploy_form_builds_directly_and_loads_both_checkpoint_forms(tmp_path):
