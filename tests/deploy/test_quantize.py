@@ -181,3 +181,34 @@ def test_cli_export_int8(tmp_path, capsys):
     msg = capsys.readouterr().out
     assert "int8 ONNX" in msg and "top-1 agreement" in msg and out.exists()
     assert '"method": "percentile"' in (tmp_path / "r.json").read_text()
+
+
+def test_bench_int8_runtime(trained):
+    from zoo.bench import RUNTIMES, measure
+
+    assert "onnxruntime-int8" in RUNTIMES
+    r = measure(trained, torch.randn(2, 1, 8, 8), "onnxruntime-int8", warmup=1, iters=3, threads=1)
+    assert r["iters"] == 3 and r["median_ms"] > 0
+
+
+def test_qat_fake_quant_round_trip(trained):
+    """prepare_qat puts the deploy scheme's fake quantizers in (int8 grid per output channel), checkpoints keep plain
+    keys, remove_qat leaves the float weights of a plain model."""
+    import copy
+
+    from zoo.deploy.quantize import plain_state_dict_keys, prepare_qat, remove_qat
+
+    model = copy.deepcopy(trained).train()
+    w = model.body[0].weight.detach().clone()
+    handles = prepare_qat(model)
+    assert len(handles) == 2  # the two ReLUs
+    x = torch.randn(4, 1, 8, 8)
+    model(x).sum().backward()  # straight-through gradients reach the latent weights
+    assert model.body[0].parametrizations.weight.original.grad is not None
+    wq = model.body[0].weight.detach()  # fake-quantized: at most 255 levels per output channel
+    assert all(len(torch.unique(wq[c])) <= 255 for c in range(wq.shape[0])) and not torch.equal(wq, w)
+    assert (wq - w).abs().max() <= w.abs().amax((1, 2, 3)).max() / 127
+    state = plain_state_dict_keys(model.state_dict())
+    assert set(state) == set(trained.state_dict())
+    remove_qat(model, handles)
+    assert torch.equal(model.body[0].weight, w) and set(model.state_dict()) == set(trained.state_dict())

@@ -466,3 +466,64 @@ def quantize(
         finally:
             tmp.unlink(missing_ok=True)
     return QuantizationResult(path=path, report=report, fp32_path=Path(fp32_path) if fp32_path else None)
+
+
+# ------------------------------------------------------------------------------------------------- QAT
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Hardsigmoid, nn.LeakyReLU)
+
+
+def prepare_qat(model: nn.Module, activations: bool = True) -> list:
+    """Insert int8 fake quantization (``torch.ao.quantization.FakeQuantize``) for quantization-aware fine-tuning,
+    matching what :func:`quantize` produces: per-channel symmetric int8 weights of every Conv / Linear (a weight
+    parametrization, so BatchNorm folding afterwards keeps each channel's grid) and uint8 affine activations at the
+    outputs of the activation layers (forward hooks). Returns the hook handles for :func:`remove_qat`."""
+    import torch.nn.utils.parametrize as P
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not P.is_parametrized(m, "weight"):
+            # averaging_constant=1: the range of the current weights, as the post-training quantizer will see them
+            fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0, quant_min=-127,
+                              quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
+            P.register_parametrization(m, "weight", fq.to(m.weight.device))
+        elif activations and isinstance(m, _ACTIVATIONS):
+            fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
+                              qscheme=torch.per_tensor_affine).to(next(model.parameters()).device)
+            handles.append(m.register_forward_hook(lambda mod, inp, out, fq=fq: fq(out)))
+            handles[-1].fake_quant = fq
+    return handles
+
+
+def remove_qat(model: nn.Module, handles: Sequence = ()) -> nn.Module:
+    """Undo :func:`prepare_qat`: the float (latent) weights stay, the fake quantizers go."""
+    import torch.nn.utils.parametrize as P
+
+    for h in handles:
+        h.remove()
+    for m in model.modules():
+        if P.is_parametrized(m, "weight"):
+            P.remove_parametrizations(m, "weight", leave_parametrized=False)
+    return model
+
+
+def plain_state_dict_keys(state: dict) -> dict:
+    """A state dict of a model under :func:`prepare_qat` with the keys of the plain model (``x.weight``): the
+    weight parametrization's ``parametrizations.weight.original`` renamed, its fake-quantizer buffers dropped."""
+    out = {}
+    for k, v in state.items():
+        if ".parametrizations.weight.original" in k:
+            out[k.replace(".parametrizations.weight.original", ".weight")] = v
+        elif ".parametrizations.weight." not in k:
+            out[k] = v
+    return out
+
+
+def set_qat_observers(model: nn.Module, handles: Sequence, enabled: bool) -> None:
+    """Freeze (``False``) or resume (``True``) the range observers, e.g. frozen for validation."""
+    from torch.ao.quantization import FakeQuantize
+
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)] + [h.fake_quant for h in handles]
+    for fq in fqs:
+        fq.enable_observer() if enabled else fq.disable_observer()

@@ -1,0 +1,54 @@
+"""Quantization-aware fine-tuning as a Lightning callback (recipes: ``zoo.deploy.qat.QuantizationAwareTraining``).
+
+Kept apart from ``zoo.deploy.quantize`` so importing the quantizer does not import Lightning.
+"""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+
+class QuantizationAwareTraining(Callback):
+    """Quantization-aware fine-tuning: train with int8 fake quantization (``torch.ao.quantization.FakeQuantize``)
+    as ``zoo.deploy.quantize`` will deploy the model (per-channel int8 weights, uint8 activations), so the weights
+    adapt to the int8 grid; then export with ``zoo export --int8`` as usual. Add it to a recipe that starts from
+    a trained fp32 checkpoint (``model_args: {checkpoint_path: ...}``) for models whose post-training int8 loses
+    too much. Observers are frozen during validation; checkpoints keep the plain model's keys (loadable without
+    this callback) and the fake quantizers are removed at the end of training (before ``DeployExport``).
+
+    Args:
+        activations: also fake-quantize the outputs of activation layers (else weights only).
+    """
+
+    def __init__(self, activations: bool = True):
+        self.activations = activations
+        self._handles: list | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from zoo.deploy.quantize import prepare_qat
+
+        self._handles = prepare_qat(pl_module.model, self.activations)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._handles is not None:
+            from zoo.deploy.quantize import set_qat_observers
+
+            set_qat_observers(pl_module.model, self._handles, False)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._handles is not None:
+            from zoo.deploy.quantize import set_qat_observers
+
+            set_qat_observers(pl_module.model, self._handles, True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        if self._handles is not None:
+            from zoo.deploy.quantize import plain_state_dict_keys
+
+            checkpoint["state_dict"] = plain_state_dict_keys(checkpoint["state_dict"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._handles is not None:
+            from zoo.deploy.quantize import remove_qat
+
+            remove_qat(pl_module.model, self._handles)
+            self._handles = None
