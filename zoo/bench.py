@@ -7,6 +7,8 @@ Runtimes:
     deploy       the inference form (``zoo.deploy.reparameterize``); skipped for families without one
     onnxruntime  the deploy form exported to ONNX (dynamo exporter, parity-checked), run by onnxruntime's CPU provider
     compile      ``torch.compile`` of the deploy form (compile time is part of the warm-up, not of the timings)
+    onnxruntime-int8  the deploy form quantized to int8 (``zoo.deploy.quantize``: QDQ, per-channel weights), run by
+                 onnxruntime; calibrated on 16 random-normal inputs, so it times the int8 graph, not its accuracy
 
 Latency is wall time per call (``time.perf_counter``) after ``warmup`` untimed calls; ``median`` and ``p90`` are over
 ``iters`` timed calls, throughput is ``batch_size / median``. GMACs are counted once per model for one image with
@@ -32,7 +34,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-RUNTIMES = ("eager", "deploy", "onnxruntime", "compile")
+RUNTIMES = ("eager", "deploy", "onnxruntime", "compile", "onnxruntime-int8")
 COLUMNS = (
     "model", "runtime", "batch_size", "input_size", "threads", "params_m", "gmacs", "median_ms", "p90_ms",
     "mean_ms", "min_ms", "throughput", "top1", "iters", "error",
@@ -215,11 +217,18 @@ def measure(
         else:
             run_model = reparameterize(model) if has_deploy_form(model) else model
         params = count_params(run_model)
-        if runtime == "onnxruntime":
+        if runtime in ("onnxruntime", "onnxruntime-int8"):
             import onnxruntime as ort
 
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-                path = export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=x, reparameterize=False)
+                if runtime == "onnxruntime-int8":
+                    from zoo.deploy.quantize import quantize
+
+                    calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+                    path = quantize(run_model, calib, Path(tmp) / "model.int8.onnx", num_batches=2, test_data=None,
+                                    reparameterize=False, input_size=tuple(x.shape[1:])).path
+                else:
+                    path = export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=x, reparameterize=False)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = n_threads
                 opts.inter_op_num_threads = 1
