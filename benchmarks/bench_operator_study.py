@@ -165,6 +165,10 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true", help="smoke run: hidden 64, 2 heads, 0.5M params, 2 steps")
     p.add_argument("--files", nargs="*", default=None, help="text files / globs instead of the stdlib corpus")
     p.add_argument("--json", default=str(RESULTS))
+    p.add_argument("--models-dir", default=None,
+                   help="keep trained arms here (<arm>.pt state dict + <arm>.json figures) and reuse those found, so "
+                        "arms can train in parallel processes (--train-only) before one process times them all")
+    p.add_argument("--train-only", action="store_true", help="train (into --models-dir) and stop: no timing, no JSON")
     a = p.parse_args(argv)
 
     from zoo.language import operator_search as search
@@ -189,6 +193,9 @@ def main(argv=None) -> int:
     vocab = search.BYTE_VOCAB
     data = search.CorpusData.from_text(rec["seq_len"], rec["val_tokens"], rec["max_bytes"], a.files)
 
+    if a.train_only and not a.models_dir:
+        p.error("--train-only needs --models-dir (where the trained arms are kept)")
+    models_dir = Path(a.models_dir) if a.models_dir else None
     rows, models = {}, {}
     for arm in arms:
         label, layer_types = ARMS[arm]
@@ -197,6 +204,15 @@ def main(argv=None) -> int:
         torch.manual_seed(rec["seed"])
         torch.set_num_threads(a.train_threads)
         model = search.build_model(cfg)
+        if models_dir is not None and (models_dir / f"{arm}.json").exists():
+            row = json.loads((models_dir / f"{arm}.json").read_text())
+            if row["params"] != n or row["steps"] != rec["steps"]:
+                p.error(f"{models_dir}/{arm}.json was trained with other settings ({row['params']} params, "
+                        f"{row['steps']} steps); use another --models-dir")
+            model.load_state_dict(torch.load(models_dir / f"{arm}.pt", weights_only=True))
+            print(f"[{arm}] trained weights from {models_dir}: bits/byte {row['bpb']:.4f}", file=sys.stderr)
+            rows[arm], models[arm] = row, model.eval()
+            continue
         print(f"[{arm}] {label}: hidden {cfg.hidden_size}, FFN {ffn}, {n:,} params; training {rec['steps']} steps",
               file=sys.stderr, flush=True)
         res = search.train_and_score(model, data, steps=rec["steps"], batch_size=rec["batch_size"], lr=rec["lr"],
@@ -205,8 +221,15 @@ def main(argv=None) -> int:
         print(f"[{arm}] bits/byte {res['bpb']:.4f} ({res['train_seconds']:.0f} s)", file=sys.stderr, flush=True)
         rows[arm] = {"arm": arm, "label": label, "layer_types": layer_types, "hidden_size": cfg.hidden_size,
                      "ffn": ffn, "params": n, "bpb": res["bpb"], "train_loss": res["train_loss"],
-                     "train_seconds": res["train_seconds"]}
+                     "train_seconds": res["train_seconds"], "steps": rec["steps"]}
         models[arm] = model.eval()
+        if models_dir is not None:
+            models_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), models_dir / f"{arm}.pt.tmp")
+            os.replace(models_dir / f"{arm}.pt.tmp", models_dir / f"{arm}.pt")
+            (models_dir / f"{arm}.json").write_text(json.dumps(rows[arm]))  # written last: marks the arm complete
+    if a.train_only:
+        return 0
     torch.set_num_threads(a.threads)
     print(f"timing {', '.join(arms)} at contexts {contexts} ...", file=sys.stderr, flush=True)
     for arm, figures in speed(models, contexts, a.decode_steps, a.repeats, vocab).items():
