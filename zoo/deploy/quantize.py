@@ -50,12 +50,14 @@ class QuantRule:
         fp32_op_types: op types never quantized (on top of everything outside ``DEFAULT_OP_TYPES``).
         fp32_outputs_of: op types whose outputs stay fp32 (their inputs and weights are still int8).
         fp32_tail: keep every node after the last weighted layer in fp32 (post-processing, decoding).
+        fp32_depthwise: keep grouped (depthwise) convolutions in fp32.
         why: the reason, shown in the report.
     """
 
     fp32_op_types: tuple[str, ...] = ()
     fp32_outputs_of: tuple[str, ...] = ()
     fp32_tail: bool = True
+    fp32_depthwise: bool = False
     why: str = ""
 
 
@@ -424,6 +426,9 @@ def quantize(
                 f"{type(model).__name__} has no op the int8 quantizer handles (no Conv / MatMul / Gemm in its ONNX "
                 f"graph; ops: {', '.join(sorted(present))}): nothing to quantize")
         exclude = _tail_nodes(proto) if rule.fp32_tail else []
+        if rule.fp32_depthwise:
+            exclude += [n.name for n in proto.graph.node if n.op_type == "Conv"
+                        and any(a.name == "group" and a.i > 1 for a in n.attribute)]
         input_name = proto.graph.input[0].name
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": percentile,
                  "CalibTensorRangeSymmetric": False}
