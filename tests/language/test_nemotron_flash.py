@@ -219,7 +219,12 @@ def test_weight_norm_training_export_and_zoo_generate(tmp_path, capsys):
     args = {k: v for k, v in TINY.items() if k != "vocab_size"}
     task = CausalLM("nemotron_flash_1b", model_args=args, lr=1e-2, warmup_steps=1, weight_norm=True,
                     export_dir=str(tmp_path / "hf"))
-    dm = TextDataModule(seq_len=16, batch_size=4, max_bytes=20_000, val_tokens=64)
+    docs = tmp_path / "text"
+    docs.mkdir()
+    for i in range(6):  # a few local files: the stdlib corpus scan is not what is tested here
+        (docs / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 40)
+    dm = TextDataModule(files=[f"{docs}/*.txt"], seq_len=16, batch_size=4, val_tokens=64, val_fraction=0.2,
+                        test_fraction=0.2, num_workers=0)
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                         default_root_dir=str(tmp_path))
