@@ -165,6 +165,89 @@ def _root_dir(default_root_dir: str | None) -> str:
     return "." if default_root_dir is None else str(default_root_dir)  # Lightning's default: the working directory
 
 
+def _spec_class(spec) -> type | None:
+    """The class a parsed ``model`` / ``data`` section names (links run at parse time, before anything is built)."""
+    import importlib
+
+    path = spec.get("class_path") if isinstance(spec, dict) else getattr(spec, "class_path", None)
+    if not path:
+        return None
+    module, _, name = str(path).rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None  # jsonargparse reports the bad class_path itself
+
+
+def _spec_init_args(spec) -> dict:
+    args = spec.get("init_args") if isinstance(spec, dict) else getattr(spec, "init_args", None)
+    if args is None:
+        return {}
+    return dict(args.as_dict() if hasattr(args, "as_dict") else args)
+
+
+def _num_classes_from_data(data, model) -> int | None:
+    """``model.num_classes`` from a DataModule that declares its classes (class attribute ``num_classes``: digits 10,
+    ADE20K 150, ...) when the model section leaves it at the task's default; a value given for the model wins (an
+    ADE20K-layout dataset of other classes: ``--model.init_args.num_classes N``), and folder datasets (classes counted
+    when the folder is read) keep the model's value."""
+    import inspect
+
+    given = _spec_init_args(model).get("num_classes")
+    n = getattr(_spec_class(data), "num_classes", None)
+    if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+        return given
+    task = _spec_class(model)
+    try:
+        default = inspect.signature(task).parameters["num_classes"].default if task is not None else None
+    except (KeyError, TypeError, ValueError):
+        default = None
+    return n if given is None or given == default else given
+
+
+def _model_takes(model_name: str, param: str) -> bool:
+    """Whether the registered model's class takes ``param`` in its constructor (e.g. ``img_size`` of the SNNs, whose
+    classifier size depends on the input size); models that accept any input size do not."""
+    import inspect
+    import typing
+
+    from zoo.registry import resolve_cfg
+
+    try:
+        entry = resolve_cfg(model_name)[0]
+        cls = typing.get_type_hints(entry.fn).get("return")
+    except Exception:  # noqa: BLE001 - an unknown name is reported when the model is built
+        return False
+    for fn in (entry.fn, cls):
+        try:
+            if fn is not None and param in inspect.signature(fn).parameters:
+                return True
+        except (TypeError, ValueError):
+            continue
+    return False
+
+
+def _model_args_from_data(model_name: str, model_args: dict | None, data) -> dict | None:
+    """``model_args`` with the input the data produces: ``in_chans`` (DataModules with that argument, e.g. digits) and
+    ``img_size`` from the data's ``image_size`` for models whose size is fixed at construction (the SNNs). A recipe
+    writes these values once, in ``data``; a contradicting value in ``model_args`` is an error."""
+    given = _spec_init_args(data)
+    args = dict(model_args or {})
+    linked = {}
+    if given.get("in_chans") is not None:
+        linked["in_chans"] = given["in_chans"]
+    if given.get("image_size") is not None and isinstance(model_name, str) and _model_takes(model_name, "img_size"):
+        linked["img_size"] = given["image_size"]
+    for key, value in linked.items():
+        if key in args and args[key] != value:
+            data_key = "image_size" if key == "img_size" else key
+            raise ValueError(
+                f"model_args {key}={args[key]} but data {data_key}={value}; {key} is linked from the data: "
+                f"set --data.init_args.{data_key} only")
+        args[key] = value
+    return args if (args or model_args is not None) else None
+
+
 def _run_roots(trainer) -> list[Path]:
     """Folders that hold the checkpoints of this recipe's runs: explicit ``dirpath``s, else every run folder under
     the first logger's root (``<save_dir>/<name>/<version>/checkpoints``), else ``default_root_dir/checkpoints``."""
@@ -222,6 +305,12 @@ class ZooCLI(LightningCLI):
         # Values model and data share are written once, in the model: DataModules that build their transforms
         # from a model config (ImageFolderDataModule, COCODetection, ...) take the task's model_name.
         parser.link_arguments("model.init_args.model_name", "data.init_args.model_name", apply_on="parse")
+        # The other way, the data decides what the model sees: the number of classes (DataModules with fixed
+        # classes), the input channels and, for models built for one input size (SNNs), that size.
+        parser.link_arguments(("data", "model"), "model.init_args.num_classes",
+                              compute_fn=_num_classes_from_data, apply_on="parse")
+        parser.link_arguments(("model.init_args.model_name", "model.init_args.model_args", "data"),
+                              "model.init_args.model_args", compute_fn=_model_args_from_data, apply_on="parse")
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
