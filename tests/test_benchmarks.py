@@ -69,3 +69,10 @@ def test_demo_runs_end_to_end_with_tiny_settings(tmp_path, monkeypatch, capsys):
         rows = list(csv.DictReader(f))
     assert [r["runtime"] for r in rows] == ["eager", "deploy", "onnxruntime"]
     assert all(float(r["median_ms"]) > 0 for r in rows)
+    # results.json (zoo.bench.write_results): accuracy, latency and where the time went, with how it was made
+    doc = json.loads(next(runs.rglob("results.json")).read_text())
+    assert doc["command"] == "python -m zoo.demo" and doc["machine"]["torch"] and doc["settings"]["global_step"] == 2
+    stages = dict(doc["tables"]["time"]["rows"])
+    assert {"imports", "setup", "first_step", "training", "deploy_export", "test", "bench", "total"} <= set(stages)
+    assert 0 < stages["first_step"] <= stages["training"] < stages["total"]
+    assert doc["tables"]["accuracy"]["rows"][0][0] == "quickstart"

@@ -197,12 +197,15 @@ def measure(
     iters: int = 20,
     threads: int | None = None,
     workdir: str | os.PathLike | None = None,
+    onnx_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Latency of ``model(x)`` in one runtime; ``model`` is the training form and is not modified.
 
     Returns ``median_ms, p90_ms, mean_ms, min_ms, throughput (img/s), iters, threads, params`` (of the form that ran).
     ``deploy``, ``onnxruntime`` and ``compile`` run the reparameterized copy; a model without a deploy form runs as
-    is (callers that want to leave such rows out check :func:`has_deploy_form`).
+    is (callers that want to leave such rows out check :func:`has_deploy_form`). ``onnx_path``: an ONNX file of this
+    model's deploy form that already exists (e.g. written and parity-checked by ``DeployExport``), timed by the
+    ``onnxruntime`` runtime instead of exporting again.
     """
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
@@ -228,7 +231,8 @@ def measure(
                     path = quantize(run_model, calib, Path(tmp) / "model.int8.onnx", num_batches=2, test_data=None,
                                     reparameterize=False, input_size=tuple(x.shape[1:])).path
                 else:
-                    path = export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=x, reparameterize=False)
+                    path = onnx_path or export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=x,
+                                               reparameterize=False)
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = n_threads
                 opts.inter_op_num_threads = 1
