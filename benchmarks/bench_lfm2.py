@@ -12,11 +12,12 @@ Definitions
   tokens, each round starting from a copy of the same prefilled cache.
 - bandwidth bound: bytes read per decoded token -- every weight once (the tied embedding in full, as the head; int8:
   int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth,
-  measured as the best of 3 streaming sums over a buffer of exactly those bytes (at least 64 MiB; same threads) in
-  every round between the paths; the percentages use the median bandwidth of the rounds.
+  measured by 3 streaming sums over a buffer of exactly those bytes (at least 64 MiB; same threads) in every round
+  between the paths; the percentages use the median of these single runs, like the step times (a best-of-n bound
+  against median steps would favour the bound on a time-sliced machine).
 - prefill tok/s: a ``--prefill-len`` prompt at batch 1 with a fresh cache, next-token logits only; its bound is the
-  prompt's FLOPs (2 x non-embedding linear weights per token + causal attention + one head row) at the peak GEMM rate
-  (best of 3 [prefill-len x hidden] @ [hidden x ffn] products in that dtype, measured in every round).
+  prompt's FLOPs (2 x non-embedding linear weights per token + causal attention + one head row) at the GEMM rate of
+  [prefill-len x hidden] @ [hidden x ffn] products in that dtype (3 in every round; median, like the prefills).
 - batched decode: ``--batch-sizes`` rows of left-padded prompts of mixed lengths (half to all of the shortest
   context), decode tokens/s = rows / step time.
 - eager = ``model.set_decode_path("eager")`` (every token through ``forward``); fast = the default (operators'
@@ -44,13 +45,13 @@ TINY = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value
             layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=4096)
 
 
-def _best(fn, n: int = 3) -> float:
+def _times(fn, n: int = 3) -> list[float]:
     ts = []
     for _ in range(n):
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
-    return min(ts)
+    return ts
 
 
 class Limits:
@@ -68,16 +69,14 @@ class Limits:
         self.gemm: dict[torch.dtype, list[float]] = {dt: [] for dt in self.mats}
         self.nbytes = max_bytes
 
-    def sample_bw(self) -> float:
+    def sample_bw(self) -> None:
         part = self.buf[: self.nbytes // 4]
-        self.bw.append(part.numel() * 4 / _best(part.sum))
-        return self.bw[-1]
+        self.bw += [part.numel() * 4 / t for t in _times(part.sum)]
 
-    def sample_gemm(self, dt: torch.dtype) -> float:
+    def sample_gemm(self, dt: torch.dtype) -> None:
         a, b = self.mats[dt]
         a @ b
-        self.gemm[dt].append(2 * a.shape[0] * a.shape[1] * b.shape[1] / _best(lambda: a @ b))
-        return self.gemm[dt][-1]
+        self.gemm[dt] += [2 * a.shape[0] * a.shape[1] * b.shape[1] / t for t in _times(lambda: a @ b)]
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
