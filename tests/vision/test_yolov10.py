@@ -22,7 +22,8 @@ COUNTS = {
 # YOLOv10 README (THU-MIG): inference parameters 2.3M / 7.2M / 15.4M / 19.1M / 24.4M / 29.5M (rounded; exact
 # per-scale equality with the doclayout-yolo package: tests/vision/test_doclayout_yolo_reference.py)
 README_M = {"n": 2.3, "s": 7.2, "m": 15.4, "b": 19.1, "l": 24.4, "x": 29.5}
-TINY = dict(scale=(0.33, 0.125, 1024))  # every block type kept, 1/8 of the width
+# every block type kept (GL-CRM k5 / k3 / CIB, C2f, C2fCIB, SCDown, SPPF, PSA), 1/8 of the width, one block per CSP
+TINY = dict(scale=(0.33, 0.125, 1024), backbone_repeats=(1, 1, 1, 1), neck_repeats=(1, 1, 1, 1))
 
 
 def _n(m: nn.Module) -> int:
@@ -68,6 +69,10 @@ def tiny():
     torch.manual_seed(0)
     m = DocLayoutYOLO(num_classes=4, **TINY)
     randomize_batchnorms(m)
+    with torch.no_grad():  # spread the class scores (the prior bias alone gives near-ties that top-k orders arbitrarily)
+        for branch in (m.head.one2one, m.head.one2many):
+            for tower in branch.cls:
+                tower[-1].bias.normal_(-2.0, 1.0)
     return m
 
 
@@ -151,3 +156,22 @@ def test_deploy_form_equals_training_form(tiny):
         dep.loss(got, _targets(), (64, 96))
     dets = dep.postprocess(got, (64, 96))
     assert len(dets) == 2 and dets[0]["boxes"].shape[1] == 4 and (dets[0]["scores"][:-1] >= dets[0]["scores"][1:]).all()
+
+
+def test_onnx_export_with_postprocessing_has_no_mod_and_matches_eager(tiny, tmp_path):
+    """The exported graph (backbone, heads, DFL decode, top-k) passes zoo.deploy.export's onnxruntime parity check at
+    another batch size than exported (3 vs 2), and computes labels without a Mod node (TensorRT could not parse it)."""
+    onnx = pytest.importorskip("onnx")
+    from zoo.deploy import export
+    from zoo.vision.yolov10 import YOLOv10Postprocess
+
+    path = export(YOLOv10Postprocess(tiny, max_det=20), tmp_path / "dly.onnx", input_size=(3, 64, 64))
+    graph = onnx.load(str(path))
+    ops = {n.op_type for n in graph.graph.node} | {n.op_type for f in graph.functions for n in f.node}
+    assert "Mod" not in ops and "TopK" in ops
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(5, 3, 64, 64)
+    boxes, scores, labels = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    assert boxes.shape == (5, 20, 4) and labels.dtype.kind == "i" and (labels >= 0).all() and (labels < 4).all()

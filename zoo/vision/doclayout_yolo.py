@@ -26,7 +26,7 @@ from torch import nn
 
 from zoo.contract import SmallCfg
 from zoo.registry import CheckpointSource, ModelCfg, register_model
-from zoo.vision.yolov10 import CIB, SCALES, Conv, YOLOv10, checkpoint_filter_fn, register_block
+from zoo.vision.yolov10 import CIB, SCALES, Conv, YOLOv10, YOLOv10Backbone, checkpoint_filter_fn, register_block
 
 
 class DilatedBlock(nn.Module):
@@ -107,7 +107,8 @@ class G2L_CRM(nn.Module):  # noqa: N801 - the reference's name
         self.m = nn.ModuleList(blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
+        a, b = self.cv1(x).chunk(2, 1)  # unpacked, not list(): FX cannot iterate a proxy
+        y = [a, b]
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))
@@ -204,6 +205,23 @@ default_cfgs = {
 }
 
 
+default_cfgs["doclayout_yolo_m_backbone"] = ModelCfg(
+    **{**_COMMON, "task": "image-feature-extraction", "pool_size": (32, 32), "first_conv": "stem.conv",
+       "classifier": "head.fc"},
+    num_classes=1000, input_size=(3, 1024, 1024),
+    notes="DocLayout-YOLO backbone (YOLOv10-m layers 0-10 with GL-CRM at P3, P4, P5) with a timm classifier head; "
+          "the detector's weights load into the detector, not into this backbone alone.")
+
+# tests/test_contract.py: 1/8 width, one block per stage (every GL-CRM variant kept: k5 glu, k3 glu, CIB)
+small_cfgs = {"doclayout_yolo_m_backbone": SmallCfg(dict(scale=(0.33, 0.125, 1024), repeats=(1, 1, 1, 1)), img_size=64)}
+
+
 @register_model
 def doclayout_yolo_m(**kwargs) -> DocLayoutYOLO:
     return DocLayoutYOLO(**kwargs)
+
+
+@register_model
+def doclayout_yolo_m_backbone(**kwargs) -> YOLOv10Backbone:
+    return YOLOv10Backbone(**{"scale": SCALES["m"]["scale"], "blocks": DOCLAYOUT_BACKBONE, "repeats": DOCLAYOUT_REPEATS,
+                              **kwargs})

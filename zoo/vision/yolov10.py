@@ -81,7 +81,8 @@ class C2f(nn.Module):
         return [Bottleneck(self.c, self.c, shortcut, (3, 3), e=1.0) for _ in range(n)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = list(self.cv1(x).chunk(2, 1))
+        a, b = self.cv1(x).chunk(2, 1)  # unpacked, not list(): FX cannot iterate a proxy
+        y = [a, b]
         for m in self.m:
             y.append(m(y[-1]))
         return self.cv2(torch.cat(y, 1))
@@ -870,7 +871,27 @@ def _det_cfg(variant: str) -> ModelCfg:
     )
 
 
-default_cfgs = {f"yolov10{v}": _det_cfg(v) for v in SCALES}
+def _backbone_cfg(variant: str) -> ModelCfg:
+    return ModelCfg(
+        task="image-feature-extraction", family="yolov10", paper="2405.14458", license="agpl-3.0", num_classes=1000,
+        input_size=(3, 640, 640), pool_size=(20, 20), crop_pct=1.0, interpolation="bilinear", mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0), first_conv="stem.conv", classifier="head.fc",
+        notes=f"YOLOv10-{variant.upper()} backbone (layers 0-10: P2..P5 via features_only, SPPF + PSA at P5) with a "
+              f"timm classifier head; no ImageNet weights exist.",
+    )
+
+
+default_cfgs = {
+    **{f"yolov10{v}": _det_cfg(v) for v in SCALES},
+    **{f"yolov10{v}_backbone": _backbone_cfg(v) for v in SCALES},
+}
+
+# tests/test_contract.py: 1/8 width, one block per CSP, and the same block list for every scale (C2f, C2fCIB, CIB
+# with the RepVGGDW large kernel: every block type), so the six backbones share one code path
+small_cfgs = {
+    "yolov10*_backbone": SmallCfg(dict(scale=(0.33, 0.125, 1024), repeats=(1, 1, 1, 1),
+                                       blocks=(_C2F_T, _C2F_T, _CIB_T, _CIB_LK)), img_size=64),
+}
 
 
 @register_model
@@ -901,3 +922,38 @@ def yolov10l(**kwargs) -> YOLOv10:
 @register_model
 def yolov10x(**kwargs) -> YOLOv10:
     return YOLOv10(**{"variant": "x", **kwargs})
+
+
+def _backbone(variant: str, **kwargs) -> YOLOv10Backbone:
+    spec = SCALES[variant]
+    return YOLOv10Backbone(**{"scale": spec["scale"], "blocks": spec["backbone"], **kwargs})
+
+
+@register_model
+def yolov10n_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("n", **kwargs)
+
+
+@register_model
+def yolov10s_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("s", **kwargs)
+
+
+@register_model
+def yolov10m_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("m", **kwargs)
+
+
+@register_model
+def yolov10b_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("b", **kwargs)
+
+
+@register_model
+def yolov10l_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("l", **kwargs)
+
+
+@register_model
+def yolov10x_backbone(**kwargs) -> YOLOv10Backbone:
+    return _backbone("x", **kwargs)
