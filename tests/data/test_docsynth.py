@@ -194,3 +194,18 @@ def test_datamodule_generates_once_and_reads_coco(tmp_path):
     assert (root / "train" / "annotations.json").stat().st_mtime_ns == stamp
     DocSynthDetection(**{**kw, "seed": 1}).prepare_data()
     assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_model_card_cpu_recipe_rows_are_the_results_file():
+    """MODEL_CARD.md's DocSynth CPU-recipe table is `benchmarks/doclayout_docsynth_cpu.py --table` of the committed
+    results file (the figures are measured once, by that script; nothing is typed by hand)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("doclayout_docsynth_cpu", root / "benchmarks" / "doclayout_docsynth_cpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    doc = json.loads((root / "benchmarks" / "results" / "doclayout_docsynth_cpu.json").read_text())
+    for k in ("map", "map_50"):  # the task's metric (torchmetrics, pycocotools backend) == COCOeval on the json
+        assert doc["eval"]["coco"][k] == pytest.approx(doc["eval"]["torchmetrics"][k], abs=1.5e-4)
+    assert script.table(doc) in (root / "MODEL_CARD.md").read_text()
