@@ -43,18 +43,29 @@ def run(code: str) -> tuple[float, list[str]]:
     return dt, [m for m in loaded if m]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args()
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), metavar="CASE",
+                    help="run only these cases (default: all)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
     print(f"{'case':<26} {'median s':>9} {'min s':>7} {'target':>7}  heavy modules imported")
-    for name, code in CASES.items():
+    rows = []
+    for name, code in ((n, CASES[n]) for n in args.cases):
         runs = [run(code) for _ in range(args.repeat)]
         times = [t for t, _ in runs]
         target = TARGETS.get(name)
         ok = "" if target is None else ("ok" if statistics.median(times) < target else "SLOW")
         print(f"{name:<26} {statistics.median(times):>9.2f} {min(times):>7.2f} "
               f"{(f'<{target:g}' if target else ''):>7}  {', '.join(runs[0][1]) or '-'} {ok}")
+        rows.append({"case": name, "median_s": statistics.median(times), "min_s": min(times), "target_s": target,
+                     "heavy_modules": runs[0][1]})
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps({"repeat": args.repeat, "results": rows}, indent=1))
     return 0
 
 
