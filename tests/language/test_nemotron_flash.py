@@ -225,7 +225,7 @@ def test_weight_norm_training_export_and_zoo_generate(tmp_path, capsys):
         (docs / f"doc{i}.txt").write_text(f"def f{i}(x):\n    return x * {i} + 1\n" * 40)
     dm = TextDataModule(files=[f"{docs}/*.txt"], seq_len=16, batch_size=4, val_tokens=64, val_fraction=0.2,
                         test_fraction=0.2, num_workers=0)
-    trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
                         default_root_dir=str(tmp_path))
     trainer.fit(task, dm)

@@ -52,7 +52,7 @@ def test_ssd_chunked_equals_recurrent(t):
 def test_delta_rule_matches_transformers_gated_delta_rule_without_gate():
     qn = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     g = torch.Generator().manual_seed(0)
-    b, h, t, dk, dv = 2, 3, 21, 8, 6
+    b, h, t, dk, dv = 1, 2, 13, 8, 6
     q, k = torch.randn(b, t, h, dk, generator=g), torch.randn(b, t, h, dk, generator=g)
     v, beta = torch.randn(b, t, h, dv, generator=g), torch.rand(b, t, h, generator=g)
     s0 = torch.randn(b, h, dk, dv, generator=g)
@@ -113,16 +113,16 @@ def model():
     return hybrid()
 
 
-@pytest.mark.parametrize("split", [1, 8, 9, 16])
-def test_full_forward_equals_prefill_plus_cached_decode(model, split):
-    ids = torch.randint(1, 64, (2, 20), generator=torch.Generator().manual_seed(split))
+def test_full_forward_equals_prefill_plus_cached_decode(model):
+    ids = torch.randint(1, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache()
-        parts = [model(ids[:, :split], cache=cache)]
-        for i in range(split, ids.shape[1]):
-            parts.append(model(ids[:, i:i + 1], cache=cache))
-    close(torch.cat(parts, 1), full, 2e-5)
+        for split in (1, 8, 9):  # chunk size 8: prefill below, at and past a chunk boundary, then decode
+            cache = model.new_cache()
+            parts = [model(ids[:, :split], cache=cache)]
+            for i in range(split, ids.shape[1]):
+                parts.append(model(ids[:, i:i + 1], cache=cache))
+            close(torch.cat(parts, 1), full, 2e-5)
     states = [s for s in cache.layers if isinstance(s, RecurrentState)]
     assert len(states) == 2 and all(s.conv.shape[1] == 3 for s in states)
 
