@@ -85,7 +85,8 @@ def evaluate(model, dm, conf: float = 0.001) -> dict:
         "torchmetrics": {k: round(float(tm[k]), 4) for k in ("map", "map_50", "map_75")},
         "ultralytics_style": {"map": round(yolo["map"], 4), "map_50": round(yolo["map_50"], 4),
                               "map_75": round(yolo["map_75"], 4),
-                              "per_class": dict(zip(dm.class_names, (round(v, 4) for v in yolo["map_per_class"])))},
+                              "per_class": {dm.class_names[c]: round(v, 4)
+                                            for c, v in zip(yolo["classes"], yolo["map_per_class"])}},
         "conf_threshold": conf,
     }
 
@@ -141,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         model = ObjectDetection.load_from_checkpoint(args.ckpt, map_location="cpu")
         data = yaml.safe_load(resolve_recipe(RECIPE).read_text())["data"]
         module, name = data["class_path"].rsplit(".", 1)
-        dm = getattr(importlib.import_module(module), name)(**data.get("init_args", {}))
+        # the model's name gives the data its normalization, as `zoo fit` links it
+        dm = getattr(importlib.import_module(module), name)(**{**data.get("init_args", {}),
+                                                               "model_name": model.hparams.model_name})
         doc["checkpoint"] = str(args.ckpt)
     else:
         t0, c0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)

@@ -40,4 +40,4 @@ def test_matching_does_not_fall_back_to_the_second_best_ground_truth():
     assert coco["map_50"] == pytest.approx(1.0)
     # hit then miss -> envelope 1 up to recall .5, then the line from (.5, .5) down to (1, 0)
     assert yolo["map_50"] == pytest.approx(0.49 + (1 + 0.5) / 200 + 0.125, abs=1e-9)
-    assert yolo_average_precision([], [])["map"] == 0.0
+    assert yolo["classes"] == [0] and yolo_average_precision([], [])["map"] == 0.0

@@ -98,7 +98,8 @@ def yolo_average_precision(predictions: list[dict], targets: list[dict],
                            iou_thresholds: Sequence[float] | None = None) -> dict[str, float]:
     """Box AP computed the way ultralytics' validator computes it (the figures DocLayout-YOLO and YOLOv10 report),
     on the same inputs as torchmetrics: per image ``boxes`` (xyxy), ``scores``, ``labels`` and ground-truth
-    ``boxes``, ``labels``. Returns ``map`` (IoU 0.50:0.05:0.95), ``map_50``, ``map_75`` and ``map_per_class``.
+    ``boxes``, ``labels``. Returns ``map`` (IoU 0.50:0.05:0.95), ``map_50``, ``map_75`` and ``map_per_class`` (for
+    the labels in ``classes``: those present in the ground truth).
 
     How it differs from COCOeval (see MODEL_CARD.md, "DocLayout-YOLO"):
 
@@ -164,7 +165,8 @@ def yolo_average_precision(predictions: list[dict], targets: list[dict],
             mpre = np.concatenate([[1.0], precision[:, k], [0.0]])
             mpre = np.flip(np.maximum.accumulate(np.flip(mpre)))  # the precision envelope
             ap[ci, k] = np.trapezoid(np.interp(grid, mrec, mpre), grid)
-    out = {"map": float(ap.mean()) if ap.size else 0.0, "map_per_class": ap.mean(1).tolist()}
+    out = {"map": float(ap.mean()) if ap.size else 0.0, "map_per_class": ap.mean(1).tolist(),
+           "classes": [int(c) for c in classes]}
     for name, value in (("map_50", 0.5), ("map_75", 0.75)):
         k = np.nonzero(np.isclose(thr, value))[0]
         if len(k):
