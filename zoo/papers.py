@@ -50,6 +50,12 @@ PAPERS: dict[str, Paper] = {
          "Pieter-Jan Kindermans", "Mingxing Tan", "Vikas Singh", "Bo Chen"), 2021,
         "Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)", short="MobileDets"),
     "2511.23404": Paper("liquidai2025lfm2", "LFM2 Technical Report", ("Liquid AI",), 2025, short="LFM2"),
+    "2511.18890": Paper(
+        "fu2025nemotronflash", "Nemotron-Flash: Towards Latency-Optimal Hybrid Small Language Models",
+        ("Yonggan Fu", "Xin Dong", "Shizhe Diao", "Matthijs Van keirsbilck", "Hanrong Ye", "Wonmin Byeon",
+         "Yashaswi Karnati", "Lucas Liebenwein", "Hannah Zhang", "Nikolaus Binder", "Maksim Khadkevich",
+         "Alexander Keller", "Jan Kautz", "Yingyan Celine Lin", "Pavlo Molchanov"), 2025,
+        "Advances in Neural Information Processing Systems (NeurIPS)", short="Nemotron-Flash"),
     "2110.05929": Paper(
         "chowdhury2021onetimestep",
         "One Timestep is All You Need: Training Spiking Neural Networks with Ultra Low Latency",
