@@ -2,9 +2,12 @@
 
 Every classification / image-feature backbone subclasses :class:`ZooModel` (instead of ``nn.Module``). A family sets,
 in its constructor, the attributes timm's models have (``num_classes``, ``in_chans``, ``num_features``,
-``head_hidden_size``, ``feature_info``) and defines ``forward_features`` / ``forward_head`` / ``forward`` /
-``get_classifier``; the base supplies the rest of timm's API:
+``head_hidden_size``, ``feature_info``) and defines ``forward_features``; the base supplies the rest of timm's API
+(a family overrides what its layout needs differently):
 
+- ``forward`` / ``forward_head`` (a timm ``ClassifierHead``-like ``self.head``), ``get_classifier``,
+  ``set_grad_checkpointing`` (the model's and each stage's ``grad_checkpointing`` flag) and ``group_matcher``
+  (``stem`` / ``stages.i.blocks.j``);
 - ``reset_classifier`` that keeps the model's device and dtype (a family's own ``reset_classifier`` is wrapped so
   the new head lands where the model lives; without one, a ``self.head`` that is timm's ``ClassifierHead`` or a plain
   ``nn.Linear`` is handled here);
@@ -204,6 +207,29 @@ class ZooModel(nn.Module):
                 raise NotImplementedError(f"{type(self).__name__} must define reset_classifier for its head")
         self.num_classes = num_classes
     reset_classifier._zoo_keeps_device = True
+
+    # ---- timm's forward / head / training API for the stem -> stages -> tail -> head layout (override what differs)
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """The head on the ``forward_features`` map (a timm ``ClassifierHead``-like ``self.head``)."""
+        return self.head(x, pre_logits=pre_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Sets ``self.grad_checkpointing`` and the flag of every stage that has one (a stage's forward checkpoints
+        its blocks when set: ``if self.grad_checkpointing and not torch.jit.is_scripting()``)."""
+        self.grad_checkpointing = enable
+        for stage in self.stage_modules():
+            if hasattr(stage, "grad_checkpointing"):
+                stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups (layer-wise LR decay): the stem, then one group per stage (coarse) or per block of
+        ``stages.i.blocks.j``; families with another layout override it."""
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
 
     # ---- intermediates
     def forward_stem(self, x: torch.Tensor) -> torch.Tensor:

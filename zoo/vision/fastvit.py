@@ -711,7 +711,7 @@ class FastVit(ZooModel):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # timm model API -------------------------------------------------------------------------------------------
+    # timm model API (forward / forward_head and set_grad_checkpointing come from ZooModel) ----------------------
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
@@ -727,11 +727,6 @@ class FastVit(ZooModel):
             ],
         )
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True):
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         self.num_classes = num_classes
         self.head.reset(num_classes, pool_type=global_pool)
@@ -743,12 +738,6 @@ class FastVit(ZooModel):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Stem, stages and ``final_conv``: the (B, cls_ratio * C_last, H/s, W/s) map the head pools."""
         return self.final_conv(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
     def _take_indices(self, indices) -> list:
         return feature_take_indices(self.num_stages, indices)[0]
