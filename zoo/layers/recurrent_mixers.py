@@ -143,8 +143,8 @@ def delta_rule_chunked(q, k, v, beta, initial_state=None, chunk_size: int = 64, 
     kb = k * beta
     eye = torch.eye(c, dtype=q.dtype, device=q.device)
     a = eye + (kb @ k.transpose(-1, -2)).tril(-1)  # I + tril(diag(beta) K K^T, -1)
-    w = torch.linalg.solve_triangular(a, kb, upper=False, unitriangular=True)
-    u = torch.linalg.solve_triangular(a, v * beta, upper=False, unitriangular=True)
+    wu = torch.linalg.solve_triangular(a, torch.cat([kb, v * beta], -1), upper=False, unitriangular=True)
+    w, u = wu.split([dk, dv], -1)  # one solve for both right-hand sides
     qk = (q @ k.transpose(-1, -2)).tril()
     s = initial_state.float() if initial_state is not None else q.new_zeros(b, h, dk, dv)
     outs = []
