@@ -156,6 +156,9 @@ def test_deploy_form_equals_training_form(tiny):
         dep.loss(got, _targets(), (64, 96))
     dets = dep.postprocess(got, (64, 96))
     assert len(dets) == 2 and dets[0]["boxes"].shape[1] == 4 and (dets[0]["scores"][:-1] >= dets[0]["scores"][1:]).all()
+    with torch.no_grad():  # batched prediction equals image-by-image prediction
+        single = dep.postprocess(dep(x[1:]), (64, 96))[0]
+    torch.testing.assert_close(single["scores"], dets[1]["scores"], rtol=1e-5, atol=1e-6)
 
 
 def test_onnx_export_with_postprocessing_has_no_mod_and_matches_eager(tiny, tmp_path):

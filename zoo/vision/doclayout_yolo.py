@@ -15,7 +15,7 @@ GL-CRM details that matter for weight compatibility (``g2l_crm.py``):
 
 Released weights (Hugging Face ``juliozhao/DocLayout-YOLO-*``) are pickled ultralytics model objects; they are read
 without running any pickled code (:func:`zoo.checkpoints.load_pickled_module_tensors`) and renamed by
-:func:`checkpoint_filter_fn`; ``convert_checkpoint`` / ``zoo convert`` write safetensors.
+:func:`checkpoint_filter_fn`; :func:`convert_checkpoint` writes a safetensors file in our layout.
 """
 import os
 from typing import List, Sequence
