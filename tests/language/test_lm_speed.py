@@ -80,9 +80,10 @@ def test_packing_is_free_and_follows_weight_changes(pair):
     ids = torch.randint(1, 96, (1, 6))
     want = _step_logits(m, ids, steps=3)
     ffn = m.model.layers[0].feed_forward
-    packed = ffn._zoo_packed["w13"].weight
-    assert ffn.w1.weight.data_ptr() == packed.data_ptr() and ffn.w3.weight.untyped_storage().data_ptr() == \
-        packed.untyped_storage().data_ptr()  # the children are views: no second copy of the weights
+    w1, w3 = ffn.w1.weight, ffn.w3.weight
+    assert "w13" in ffn._zoo_packed and w1.untyped_storage().data_ptr() == w3.untyped_storage().data_ptr()
+    assert w3.data_ptr() == w1.data_ptr() + w1.numel() * w1.element_size()  # consecutive views: no second copy
+    assert w1.untyped_storage().nbytes() == (w1.numel() + w3.numel()) * w1.element_size()
     assert list(m.state_dict()) == keys and sum(p.numel() for p in m.parameters()) == n_bytes
     with torch.no_grad():  # in-place updates reach the packed matrix (shared storage)
         ffn.w3.weight.mul_(2)

@@ -739,19 +739,20 @@ class Linear(nn.Linear):
 class _PackedProjection:
     """Several projections of the same input as one matrix (see ``packed_projections`` in the module docstring).
 
-    The children's weights are re-pointed to row blocks of the packed matrix, so it costs no memory and in-place
-    updates (optimizer steps, ``load_state_dict``) reach both; ``valid`` notices replaced weights by their address."""
+    The children's weights are re-pointed to consecutive row blocks of one new tensor, so packing costs no memory and
+    in-place updates (optimizer steps, ``load_state_dict``) reach both. The packed matrix is re-derived from the first
+    child's view at every call and never held here, so replaced weights (``.to(dtype)``) free the old storage;
+    ``valid`` notices them by address and storage."""
 
     def __init__(self, parts: list[nn.Module]):
         self.sizes = [p.out_features for p in parts]
+        self.rows = sum(self.sizes)
         self.int8 = isinstance(parts[0], Int8Linear)
-        names = ("qweight", "scale") if self.int8 else ("weight", "bias")
+        self.names = ("qweight", "scale") if self.int8 else ("weight", "bias")
         with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: training may follow
-            packed = []
-            for name in names:
+            for name in self.names:
                 ts = [getattr(p, name) for p in parts]
                 if ts[0] is None:
-                    packed.append(None)
                     continue
                 full = torch.cat([t.detach() for t in ts])
                 for p, view in zip(parts, full.split(self.sizes)):
@@ -759,24 +760,33 @@ class _PackedProjection:
                         getattr(p, name).data = view
                     else:
                         p._buffers[name] = view
-                packed.append(full)
-        self.weight, self.extra = packed
         self.ptrs = self._ptrs(parts)
 
     def _ptrs(self, parts) -> tuple:
-        return tuple((p.qweight if self.int8 else p.weight).data_ptr() for p in parts) + (
-            self.weight.dtype, self.weight.device)
+        ts = [getattr(p, self.names[0]) for p in parts]
+        return (tuple(t.data_ptr() for t in ts), {t.untyped_storage().data_ptr() for t in ts}, ts[0].dtype,
+                ts[0].device)
 
     def valid(self, parts) -> bool:
         return isinstance(parts[0], Int8Linear) == self.int8 and self._ptrs(parts) == self.ptrs
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def tensors(self, parts) -> list[torch.Tensor | None]:
+        """The packed (weight, bias) or (qweight, scale): views over the children's shared storage."""
+        out = []
+        for name in self.names:
+            t = getattr(parts[0], name)
+            out.append(None if t is None else t.detach().as_strided((self.rows, *t.shape[1:]), t.stride(),
+                                                                     t.storage_offset()))
+        return out
+
+    def __call__(self, x: torch.Tensor, parts) -> tuple[torch.Tensor, ...]:
+        w, extra = self.tensors(parts)
         if self.int8:
             shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.extra.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), w, extra.to(x.dtype))
             y = y.reshape(*shape[:-1], y.shape[-1])
         else:
-            y = linear(x, self.weight, self.extra)
+            y = linear(x, w, extra)
         return y.split(self.sizes, dim=-1)
 
 
@@ -805,7 +815,7 @@ def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.
         if not _packable(parts):
             return tuple(p(x) for p in parts)
         packs[name] = pk = _PackedProjection(parts)
-    return pk(x)
+    return pk(x, parts)
 
 
 # ---------------------------------------------------------------------------------------------- layers
