@@ -10,6 +10,9 @@ Runtimes:
     onnxruntime-int8  the deploy form quantized to int8 (``zoo.deploy.quantize``: QDQ, per-channel weights), run by
                  onnxruntime; calibrated on 16 random-normal inputs, so it times the int8 graph, not its accuracy
 
+CLIP models (``encode_image`` / ``encode_text``, e.g. ``mobileclip_s0``) are timed per encoder: rows ``NAME:image`` and
+``NAME:text`` (random token ids filling the context), as the two are used apart.
+
 Latency is wall time per call (``time.perf_counter``) after ``warmup`` untimed calls; ``median`` and ``p90`` are over
 ``iters`` timed calls, throughput is ``batch_size / median``. GMACs are counted once per model for one image with
 ``torch.utils.flop_counter.FlopCounterMode`` on the ``meta`` device (no memory, no compute; GMACs = FLOPs / 2).
@@ -94,6 +97,24 @@ def count_gmacs(model: nn.Module, x: torch.Tensor, *, by_op: bool = False) -> fl
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def clip_towers(model: nn.Module) -> dict[str, nn.Module] | None:
+    """The image and text encoders of a CLIP model (open_clip's API: ``encode_image`` / ``encode_text`` with towers
+    ``visual`` and ``text``), which the bench times separately; ``None`` for any other model."""
+    if not (callable(getattr(model, "encode_image", None)) and callable(getattr(model, "encode_text", None))):
+        return None
+    towers = {"image": getattr(model, "visual", None), "text": getattr(model, "text", None)}
+    return towers if all(isinstance(t, nn.Module) for t in towers.values()) else None
+
+
+def text_tokens(model: nn.Module, batch_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Token ids filling a CLIP model's context (the text tower runs the whole context whatever the caption length),
+    each row with the end-of-text id (the largest id, which EOT pooling looks for) at its last position."""
+    n_ctx, vocab = int(model.context_length), int(model.vocab_size)
+    ids = torch.randint(1, vocab - 1, (batch_size, n_ctx), generator=torch.Generator().manual_seed(0))
+    ids[:, -1] = vocab - 1
+    return ids.to(device)
 
 
 def has_deploy_form(model: nn.Module) -> bool:
@@ -225,11 +246,21 @@ def measure(
 
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:
                 if runtime == "onnxruntime-int8":
+                    if not x.is_floating_point():
+                        raise ValueError("onnxruntime-int8 calibrates on random-normal inputs; it cannot time a model "
+                                         "that takes token ids (e.g. a CLIP text encoder): leave it out for such models")
                     from zoo.deploy.quantize import quantize
 
                     calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
                     path = quantize(run_model, calib, Path(tmp) / "model.int8.onnx", num_batches=2, test_data=None,
                                     reparameterize=False, input_size=tuple(x.shape[1:])).path
+                elif onnx_path is None and not x.is_floating_point():  # token ids: export's check perturbs floats
+                    from zoo.deploy import onnx_parity
+
+                    # traced at twice the batch (a batch of 1 gets specialised), checked at the timed batch size
+                    path = export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=torch.cat([x, x]),
+                                  reparameterize=False, check=False)
+                    onnx_parity(path, run_model, x)
                 else:
                     path = onnx_path or export(run_model, Path(tmp) / "model.onnx", "onnx", example_input=x,
                                                reparameterize=False)
@@ -314,6 +345,8 @@ def bench_models(
 ) -> list[dict[str, Any]]:
     """Benchmark every model in every runtime; one row (dict with ``COLUMNS``) per (model, runtime).
 
+    A CLIP model (:func:`clip_towers`) gives rows ``NAME:image`` (images of the input size) and ``NAME:text`` (token
+    ids filling its context), each with its own params and GMACs.
     ``deploy`` / ``compile`` rows of a family without a deploy form are left out. With ``skip_errors`` a runtime that
     fails (e.g. an op the ONNX exporter lacks) gives a row with ``error`` set instead of stopping the bench.
     Published top-1 is attached only when no architecture override changes the model.
@@ -330,35 +363,48 @@ def bench_models(
         for name in names:
             size = default_input_size(name, image_size, overrides.get("in_chans"))
             bar.set_description_str(f"{name}: counting GMACs")
-            gmacs = count_gmacs(build(name, "meta", **overrides), torch.empty(1, *size, device="meta"))
+            meta = build(name, "meta", **overrides)
             torch.manual_seed(0)
             model = build(name, **overrides).eval()
-            x = torch.randn(batch_size, *size)
+            towers, image_desc = clip_towers(model), "x".join(map(str, size))
+            # (row name, module, input, input description, GMACs of one sample)
+            if towers is None:
+                parts = [(name, model, torch.randn(batch_size, *size), image_desc,
+                          count_gmacs(meta, torch.empty(1, *size, device="meta")))]
+            else:  # a CLIP model: image and text encoders are used apart (e.g. cached class embeddings), so timed apart
+                meta_towers = clip_towers(meta)
+                parts = [
+                    (f"{name}:image", towers["image"], torch.randn(batch_size, *size), image_desc,
+                     count_gmacs(meta_towers["image"], torch.empty(1, *size, device="meta"))),
+                    (f"{name}:text", towers["text"], text_tokens(model, batch_size), f"{model.context_length} tokens",
+                     count_gmacs(meta_towers["text"], text_tokens(meta, 1, "meta"))),
+                ]
+            del meta
             for rt in runtimes:
-                bar.set_description_str(f"{name} [{rt}]")
-                base = {
-                    "model": name, "runtime": rt, "batch_size": batch_size, "input_size": "x".join(map(str, size)),
-                    "gmacs": round(gmacs, 4), "top1": None if arch_changed else published_top1(name), "error": "",
-                }
-                if rt == "deploy" and not has_deploy_form(model):  # nothing to fold: same as eager
-                    bar.update()
-                    continue
-                try:
-                    r = measure(model, x, rt, warmup=warmup, iters=iters, threads=threads)
-                except Exception as e:  # noqa: BLE001 - reported in the row, the bench goes on
-                    if not skip_errors:
-                        raise
-                    msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
-                    print(f"warning: {name} [{rt}] failed: {msg}", file=sys.stderr)
-                    rows.append({**base, "threads": threads or torch.get_num_threads(), "error": msg})
-                else:
-                    rows.append({
-                        **base, "threads": r["threads"], "params_m": round(r["params"] / 1e6, 3),
-                        **{k: round(r[k], 3) for k in ("median_ms", "p90_ms", "mean_ms", "min_ms", "throughput")},
-                        "iters": r["iters"],
-                    })
+                for label, module, x, input_desc, gmacs in parts:
+                    bar.set_description_str(f"{label} [{rt}]")
+                    base = {
+                        "model": label, "runtime": rt, "batch_size": batch_size, "input_size": input_desc,
+                        "gmacs": round(gmacs, 4), "top1": None if arch_changed else published_top1(name), "error": "",
+                    }
+                    if rt == "deploy" and not has_deploy_form(module):  # nothing to fold: same as eager
+                        continue
+                    try:
+                        r = measure(module, x, rt, warmup=warmup, iters=iters, threads=threads)
+                    except Exception as e:  # noqa: BLE001 - reported in the row, the bench goes on
+                        if not skip_errors:
+                            raise
+                        msg = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
+                        print(f"warning: {label} [{rt}] failed: {msg}", file=sys.stderr)
+                        rows.append({**base, "threads": threads or torch.get_num_threads(), "error": msg})
+                    else:
+                        rows.append({
+                            **base, "threads": r["threads"], "params_m": round(r["params"] / 1e6, 3),
+                            **{k: round(r[k], 3) for k in ("median_ms", "p90_ms", "mean_ms", "min_ms", "throughput")},
+                            "iters": r["iters"],
+                        })
                 bar.update()
-            del model
+            del model, parts
     finally:
         bar.close()
     return [{c: row.get(c) for c in COLUMNS} for row in rows]

@@ -299,3 +299,35 @@ def test_image_transform_and_zero_shot_classifier():
     tok = zoo.get_tokenizer("mobileclip2_s0")
     w = mc.zero_shot_classifier(m, tok, ["cat", "dog", "car"], ["a photo of a {}.", lambda c: f"a {c}"])
     assert w.shape == (512, 3) and torch.allclose(w.norm(dim=0), torch.ones(3), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ zoo bench
+
+
+def test_zoo_bench_times_image_and_text_encoders_apart():
+    """`zoo bench` on a CLIP model: one row per encoder and runtime, each with its own tower's params and GMACs; the
+    text encoder (token-id input) goes through onnxruntime too; int8 (random-normal calibration) refuses token ids."""
+    from zoo import bench
+
+    ov = dict(embed_dim=32, dynamic_img_size=True, image_args=dict(layers=(1, 1, 1, 1), embed_dims=(8, 16, 32, 64)),
+              text_args=dict(width=32, heads=2, layers=1, context_length=8, vocab_size=1000))
+    rows = bench.bench_models(["mobileclip_s0"], runtimes=["eager", "deploy"], image_size=32, warmup=0, iters=1,
+                              overrides=ov, progress=False, skip_errors=False)
+    assert [(r["model"], r["runtime"], r["input_size"]) for r in rows] == [
+        ("mobileclip_s0:image", "eager", "3x32x32"), ("mobileclip_s0:text", "eager", "8 tokens"),
+        ("mobileclip_s0:image", "deploy", "3x32x32"), ("mobileclip_s0:text", "deploy", "8 tokens"),
+    ]
+    model = zoo.create_model("mobileclip_s0", **ov).eval()
+    row = {(r["model"].split(":")[1], r["runtime"]): r for r in rows}
+    assert row["image", "eager"]["params_m"] == round(_n(model.visual) / 1e6, 3)
+    assert row["text", "eager"]["params_m"] == round(_n(model.text) / 1e6, 3)
+    assert row["image", "deploy"]["params_m"] < row["image", "eager"]["params_m"]  # MobileOne / RepMixer folded
+    assert row["text", "deploy"]["params_m"] < row["text", "eager"]["params_m"]  # MCt RepMixers folded
+    tokens = bench.text_tokens(model, 2)
+    assert tokens.shape == (2, 8) and (tokens.argmax(-1) == 7).all()  # EOT (largest id) last: pooled there
+    gm = bench.count_gmacs(model.text, tokens[:1])
+    assert gm > 0 and row["text", "eager"]["gmacs"] == round(gm, 4)  # meta count = count on real tensors
+    r = bench.measure(model.text, tokens, "onnxruntime", warmup=0, iters=1)  # exported at batch 4, checked at 2
+    assert r["iters"] == 1 and r["params"] == _n(reparameterize(model.text))
+    with pytest.raises(ValueError, match="token ids"):
+        bench.measure(model.text, tokens, "onnxruntime-int8", warmup=0, iters=1)
