@@ -305,20 +305,20 @@ def test_torchscript(name):
 @pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 @pytest.mark.parametrize("name", DISTINCT)
 def test_fx_and_fx_torchscript(name):
-    m = _create(name).eval()
+    m = _create(name, num_classes=5).eval()
     x = _input(m, name)
+    fx = None
     with torch.no_grad():
         ref = m(x)
         with contract_item(name, "fx"):
-            fx = _fx(m)
+            fx = _fx(m)  # traces the eval and the training graph once (torchvision's DualGraphModule)
             assert torch.equal(list(fx(x).values())[0], ref)
             with contract_item(name, "fx_torchscript"):
                 torch.testing.assert_close(list(torch.jit.script(fx)(x).values())[0], ref)
     # backward through the traced training graph: every parameter gets a gradient (timm's test_model_backward_fx)
-    t = _create(name, num_classes=5).train()
     with contract_item(name, "fx"):
-        fx = _fx(t)
-        y = list(fx(_input(t, name, batch=2)).values())[0]
+        fx = fx.train()  # switches to the graph traced in training mode (and the modules to training mode)
+        y = list(fx(_input(m, name, batch=2)).values())[0]
         y.mean().backward()
         assert y.shape == (2, 5)
         assert all(p.grad is not None for p in fx.parameters())
