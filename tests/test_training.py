@@ -16,16 +16,12 @@ from zoo.training import run_lightning_cli
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _small_recipe(tmp_path: Path, name="r", epochs=2, every_n_steps=4, deploy=False, onnx=True,
-                  train_batches=None) -> Path:
-    """The quickstart recipe, shortened (``train_batches``: updates per epoch), with its runs under
-    tmp_path/name/version_N."""
+def _small_recipe(tmp_path: Path, name="r", epochs=2, every_n_steps=4, deploy=False, onnx=True) -> Path:
+    """The quickstart recipe, shortened, with its runs under tmp_path/name/version_N."""
     cfg = yaml.safe_load(resolve_recipe("quickstart").read_text())
     cfg = copy.deepcopy(cfg)
     out = tmp_path / name
     cfg["trainer"].update(max_epochs=epochs, default_root_dir=str(out), log_every_n_steps=1)
-    if train_batches:
-        cfg["trainer"]["limit_train_batches"] = train_batches
     cbs = []
     for cb in cfg["trainer"]["callbacks"]:
         if cb["class_path"].endswith("ModelCheckpoint") and "every_n_train_steps" in cb["init_args"]:
@@ -62,20 +58,19 @@ def _final_val(log_root: Path) -> dict:
 
 
 def test_killed_run_resumes_to_the_same_final_metrics(tmp_path):
-    # 4 of the 10 batches per epoch (1259 images / 128), a checkpoint every 2 steps: short runs, same resume path
-    ref = _small_recipe(tmp_path, "ref", every_n_steps=2, train_batches=4)
-    crash = _small_recipe(tmp_path, "crash", every_n_steps=2, train_batches=4)
+    ref = _small_recipe(tmp_path, "ref")
+    crash = _small_recipe(tmp_path, "crash")
     _zoo("fit", "-c", str(ref), cwd=tmp_path)
-    # die at step 7, mid-epoch 1 (its 3rd batch), after the step-6 checkpoint
+    # 10 steps per epoch (1259 images / 128): die at step 15, mid-epoch 1, after the step-12 checkpoint.
     p = _zoo("fit", "-c", str(crash), "--trainer.callbacks+=tests.helpers.callbacks.KillAtStep",
-             "--trainer.callbacks.step=7", cwd=tmp_path, check=False)
+             "--trainer.callbacks.step=15", cwd=tmp_path, check=False)
     assert p.returncode == -9, p.stderr[-2000:]
     last = tmp_path / "crash" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 12
     assert not list((tmp_path / "crash" / "version_0" / "checkpoints").glob("*.part"))
     # `--ckpt_path last` finds the crashed run's last.ckpt; the resumed run writes into its own version_1
     _zoo("fit", "-c", str(crash), "--ckpt_path", "last", cwd=tmp_path)
-    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 6  # left as it was
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == 12  # left as it was
     a, b = _final_val(tmp_path / "ref"), _final_val(tmp_path / "crash")
     assert a.keys() == b.keys() and a
     for k in a:
