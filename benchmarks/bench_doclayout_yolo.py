@@ -216,19 +216,20 @@ def main(argv=None) -> int:
                "ours onnxruntime / ref predict": round(med["ours onnxruntime"] / med["ref predict"], 3)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    cols = ["variant"] + [f"batch {r['batch']} (ms)" for r in rows]
-    names = ["ours deploy", "ours onnxruntime", "ref predict", "ref export-mode"]
-    body = [[n] + [r[f"{n} ms"] for r in rows] for n in names]
-    body += [[f"**{k}**"] + [f"**{r[k]}**" for r in rows] for k in
-             ("ours deploy / ref predict", "ours deploy / ref export-mode", "ours onnxruntime / ref predict")]
-    tables["latency"] = {"columns": cols, "rows": body}
-    settings = {"size": args.size, "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
-                "num_classes": args.num_classes, "max_det": args.max_det, "tiny": args.tiny,
-                "export_s": round(export_s, 1), "max_abs_diff_vs_ours": diffs}
-    if args.json:
-        write_results(args.json, tables, settings=settings,
-                      notes="median ms per call, interleaved rounds in one process; the machine was shared (see "
-                            "load_average)")
+        cols = ["variant"] + [f"batch {r['batch']} (ms)" for r in rows]
+        names = ["ours deploy", "ours onnxruntime", "ref predict", "ref export-mode"]
+        body = [[n] + [r[f"{n} ms"] for r in rows] for n in names]
+        body += [[f"**{k}**"] + [f"**{r[k]}**" for r in rows] for k in
+                 ("ours deploy / ref predict", "ours deploy / ref export-mode", "ours onnxruntime / ref predict")]
+        tables["latency"] = {"columns": cols, "rows": body}
+        settings = {"size": args.size, "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
+                    "num_classes": args.num_classes, "max_det": args.max_det, "tiny": args.tiny,
+                    "export_s": round(export_s, 1), "max_abs_diff_vs_ours": diffs,
+                    "batch_sizes_done": [r["batch"] for r in rows]}
+        if args.json:  # after every batch size, so an interrupted run keeps what it measured
+            write_results(args.json, tables, settings=settings,
+                          notes="median ms per call, interleaved rounds in one process; the machine was shared (see "
+                                "load_average)")
     return 0
 
 
