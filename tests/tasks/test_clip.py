@@ -110,3 +110,44 @@ def test_zero_shot_image_folder_and_openai_metadata(tmp_path):
     assert x.shape == (2, 3, 256, 256)
     with pytest.raises(ValueError, match="1000 ImageNet class folders"):
         cd.ZeroShotImageFolderDataModule(str(tmp_path), "mobileclip_s0").setup()
+
+
+def test_reinforce_with_rand_augment_stores_datacompdr_form_and_replays_deterministically(shards, tmp_path):
+    _, _, teacher = shards
+    img, lab = cd.digits_split()["train"]
+    paths = cd.reinforce([teacher], img[:4], lab[:4], tmp_path / "dr", num_augs=2, rand_augment=(2, 9))
+    samples = cd.read_shards(paths)
+    aug = samples[0]["paug"][0]
+    # DataCompDR's compressed form: [random_resized_crop box, [[op index, signed magnitude] x 2]]
+    assert len(aug) == 2 and len(aug[0]) == 4 and len(aug[1]) == 2
+    assert all(0 <= i < len(cd.RAND_AUGMENT_OPS) for i, _ in aug[1])
+    ds = cd.ReinforcedDataset(samples, functools.partial(zoo.get_tokenizer("mobileclip2_s0"), context_length=16), 32)
+    px = ds.pixels[0]
+    a, b = cd.replay_augmentation(px, aug, 32), cd.replay_augmentation(px, aug, 32)
+    assert torch.equal(a, b)  # replay is deterministic
+    with torch.no_grad():  # and it is the view the teacher embedded
+        emb = F.normalize(teacher.encode_image(a[None]), dim=-1)[0]
+    assert torch.allclose(emb, torch.from_numpy(samples[0]["image_emb"][0].astype(np.float32)), atol=3e-3)
+    crop_only = cd.replay_augmentation(px, aug[0], 32)
+    identity = cd.replay_augmentation(px, [aug[0], [[0, 0.0]]], 32)  # op 0 = Identity: only the uint8 rounding
+    assert (identity - crop_only).abs().max() <= 0.5 / 255 + 1e-6
+    rotated = cd.replay_augmentation(px, [aug[0], [[cd.RAND_AUGMENT_OPS.index("Rotate"), 30.0]]], 32)
+    assert (rotated - identity).abs().max() > 0.1
+    with pytest.raises(ValueError, match="op index"):
+        cd.replay_augmentation(px, [aug[0], [[14, 1.0]]], 32)
+    with pytest.raises(ValueError, match="crop box"):
+        cd.replay_augmentation(px, [[0, 0, 8]], 32)
+    # DataCompDR keeps param_aug as a JSON string of the K augmentations: read_shards decodes it
+    import io
+    import json
+
+    path = tmp_path / "str.tar"
+    with tarfile.open(path, "w") as tar:
+        for field, data in (("paug.json", json.dumps({"param_aug": json.dumps(samples[0]["paug"])}).encode()),
+                            ("syn.json", json.dumps({"syn_text": ["x"]}).encode()), ("json", b'{"caption": "y"}'),
+                            ("npz", (lambda b: (np.savez(b, image_emb=np.zeros((2, 4)), text_emb=np.zeros((2, 4))),
+                                                b.getvalue())[1])(io.BytesIO()))):
+            info = tarfile.TarInfo(f"00000000.{field}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert cd.read_shards([path])[0]["paug"] == samples[0]["paug"]

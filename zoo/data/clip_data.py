@@ -6,8 +6,12 @@ DataCompDR sample layout (HF ``apple/DataCompDR-12M``), one tar member per field
 (``{"param_aug": [...]}``: K stored augmentations), ``npz`` (``image_emb``: (K, D) teacher embeddings of each
 augmentation; ``text_emb``: (1 + S, D) of the ground-truth caption then the S synthetic ones; D = teachers x width,
 concatenated), ``json`` (metadata, here the ground-truth ``caption``). DataCompDR stores no pixels (the images come
-from DataComp by url); our embedded set adds a ``png`` member so it is self-contained. Augmentation parameters here are
-random-resized-crop boxes ``[top, left, height, width]`` on the stored image, replayed exactly.
+from DataComp by url); our embedded set adds a ``png`` member so it is self-contained. One stored augmentation is either
+a bare random-resized-crop box ``[top, left, height, width]`` on the stored image, or DataCompDR's compressed form
+``[crop box, RandAugment ops or null]`` with each op ``[index into RAND_AUGMENT_OPS, signed magnitude]`` (ml-mobileclip
+``training/dr/transforms.py``: the transforms with random parameters in its fixed order, random_resized_crop then
+rand_augment); ``param_aug`` may also be that list of K augmentations as a JSON string, as DataCompDR stores it. Both
+are replayed exactly (:func:`replay_augmentation`).
 
 ``python -m zoo.data.clip_data --teacher CKPT --model-name NAME --out DIR`` runs the reinforce step on the digits.
 """
@@ -157,11 +161,61 @@ def random_crop_params(h: int, w: int, rng: random.Random, scale=(0.6, 1.0)) -> 
     return [0, 0, h, w]
 
 
-def replay_augmentation(img: torch.Tensor, params: Sequence[int], size: int) -> torch.Tensor:
-    """Apply a stored crop box to a (C, H, W) image and resize to ``size`` (bilinear)."""
-    t, l, h, w = (int(p) for p in params)
+# torchvision's RandAugment op set in the order DataCompDR indexes it (ml-mobileclip training/dr/transforms.py)
+RAND_AUGMENT_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                    "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+
+
+def decode_augmentation(params) -> tuple[list[int], list[tuple[str, float]] | None]:
+    """One stored augmentation -> (crop box ``[top, left, height, width]``, RandAugment ``[(op name, magnitude)]`` or
+    None). Accepts a bare crop box or DataCompDR's compressed ``[crop box, [[op index, magnitude], ...] or null]``."""
+    if len(params) == 4 and all(isinstance(v, (int, float)) for v in params):
+        return [int(v) for v in params], None
+    if not 1 <= len(params) <= 2 or not isinstance(params[0], (list, tuple)) or len(params[0]) != 4:
+        raise ValueError(f"stored augmentation {params!r}: expected a crop box [top, left, height, width] or "
+                         "DataCompDR's [crop box, rand_augment ops or null] (no mixup/cutmix pair id)")
+    ops = params[1] if len(params) == 2 else None
+    if ops is not None:
+        bad = [o for o in ops if len(o) != 2 or not 0 <= int(o[0]) < len(RAND_AUGMENT_OPS)]
+        if bad:
+            raise ValueError(f"stored RandAugment ops {bad}: each must be [op index 0..{len(RAND_AUGMENT_OPS) - 1}, "
+                             "magnitude]")
+        ops = [(RAND_AUGMENT_OPS[int(i)], float(m)) for i, m in ops]
+    return [int(v) for v in params[0]], ops
+
+
+def random_rand_augment(rng: random.Random, size: int, num_ops: int = 2, magnitude: int = 9,
+                        num_bins: int = 31) -> list[list]:
+    """RandAugment parameters drawn like torchvision's ``RandAugment(num_ops, magnitude, num_bins)`` (its defaults,
+    DataCompDR's setting), in DataCompDR's compressed form ``[[op index, signed magnitude], ...]``."""
+    from torchvision.transforms import RandAugment
+
+    space = RandAugment()._augmentation_space(num_bins, (size, size))
+    ops = []
+    for _ in range(num_ops):
+        i = rng.randrange(len(RAND_AUGMENT_OPS))
+        mags, signed = space[RAND_AUGMENT_OPS[i]]
+        m = float(mags[magnitude]) if mags.ndim > 0 else 0.0
+        ops.append([i, -m if signed and rng.random() < 0.5 else m])
+    return ops
+
+
+def replay_augmentation(img: torch.Tensor, params: Sequence, size: int) -> torch.Tensor:
+    """Replay one stored augmentation (:func:`decode_augmentation`) on a (C, H, W) image in [0, 1]: crop, resize to
+    ``size`` (bilinear), then the RandAugment ops in order on the uint8 image (torchvision's op functions, nearest
+    interpolation, no fill: RandAugment's defaults). Deterministic: the same parameters give the same pixels."""
+    (t, l, h, w), ops = decode_augmentation(params)
     crop = img[:, t:t + h, l:l + w].unsqueeze(0)
-    return F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    if ops:
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.autoaugment import _apply_op  # the op table RandAugment itself applies
+
+        u8 = (out * 255).round().clamp(0, 255).to(torch.uint8)
+        for name, magnitude in ops:
+            u8 = _apply_op(u8, name, magnitude, interpolation=InterpolationMode.NEAREST, fill=None)
+        out = u8.float() / 255
+    return out
 
 
 class DigitsCaptionsDataset(Dataset):
@@ -241,8 +295,9 @@ def _encode(fn, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
 @torch.no_grad()
 def reinforce(teachers: Sequence, images: np.ndarray, labels: np.ndarray, out_dir: str | os.PathLike, *,
               num_augs: int = 4, image_size: int = 32, store_size: int = 32, shard_size: int = 500, seed: int = 0,
-              context_length: int | None = None) -> list[Path]:
-    """Write the reinforced digits dataset: per image ``num_augs`` crop boxes, 5 synthetic captions and the teacher
+              context_length: int | None = None, rand_augment: tuple[int, int] | None = None) -> list[Path]:
+    """Write the reinforced digits dataset: per image ``num_augs`` crop boxes (with ``rand_augment=(num_ops,
+    magnitude)`` also RandAugment ops, stored in DataCompDR's compressed form), 5 synthetic captions and the teacher
     ensemble's embeddings of every augmentation and caption, as DataCompDR-layout tar shards ``shard-NNNNN.tar``.
 
     ``teachers`` are CLIP models (``encode_image`` / ``encode_text``); their normalised embeddings are concatenated
@@ -267,6 +322,8 @@ def reinforce(teachers: Sequence, images: np.ndarray, labels: np.ndarray, out_di
         idx = list(range(start, min(start + shard_size, len(labels))))
         caps = [digit_captions(int(labels[i]), i) for i in idx]
         params = [[random_crop_params(store_size, store_size, rng) for _ in range(num_augs)] for _ in idx]
+        if rand_augment is not None:
+            params = [[[box, random_rand_augment(rng, image_size, *rand_augment)] for box in ps] for ps in params]
         views = torch.stack([replay_augmentation(stored[i], p, image_size) for i, ps in zip(idx, params) for p in ps])
         tokens = tok([c for gt, syn in caps for c in (gt, *syn)], context_length=ctx)
         img_emb = torch.cat([_encode(t.encode_image, views) for t in teachers], -1).reshape(len(idx), num_augs, -1)
@@ -309,7 +366,9 @@ def read_shards(paths: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
         if missing:
             raise ValueError(f"sample {key} lacks {missing}: not a DataCompDR-layout shard")
         npz = np.load(io.BytesIO(s["npz"]))
-        out.append(dict(key=key, syn=json.loads(s["syn.json"])["syn_text"], paug=json.loads(s["paug.json"])["param_aug"],
+        paug = json.loads(s["paug.json"])["param_aug"]
+        paug = json.loads(paug) if isinstance(paug, str) else paug  # DataCompDR: the list as a JSON string
+        out.append(dict(key=key, syn=json.loads(s["syn.json"])["syn_text"], paug=paug,
                         meta=json.loads(s["json"]), image_emb=npz["image_emb"], text_emb=npz["text_emb"],
                         png=s.get("png")))
     return out
@@ -377,6 +436,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--rand-augment", type=int, nargs=2, default=None, metavar=("NUM_OPS", "MAGNITUDE"),
+                   help="also store RandAugment ops per augmentation (DataCompDR: 2 9, torchvision's defaults)")
     a = p.parse_args(argv)
     import zoo
 
@@ -384,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     teachers = [zoo.create_model(a.model_name, checkpoint_path=t, **json.loads(a.model_args)).eval() for t in a.teacher]
     img, lab = digits_split(a.seed)["train"]
     paths = reinforce(teachers, img, lab, a.out, num_augs=a.num_augs, image_size=a.image_size, seed=a.seed,
-                      shard_size=a.shard_size)
+                      shard_size=a.shard_size, rand_augment=tuple(a.rand_augment) if a.rand_augment else None)
     print(f"wrote {len(paths)} shard(s) to {a.out}")
     return 0
 
