@@ -3,7 +3,7 @@ weights (prefill and single-token decode, one process, interleaved rounds), (2) 
 Mamba2 layers at short vs long context (it must not grow: the state has a fixed size), with an attention layer model
 for contrast. Prints ratios; ``--json`` writes them.
 
-    python benchmarks/bench_nemotron_flash.py --threads 2            # hidden 1024 mixers, contexts 128 and 2048
+    python benchmarks/bench_nemotron_flash.py --threads 1            # hidden 1024 mixers, contexts 128 and 2048
     python benchmarks/bench_nemotron_flash.py --tiny                 # smoke run
 
 Definitions
