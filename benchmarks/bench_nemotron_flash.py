@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import statistics
 import sys
@@ -169,6 +170,7 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"command": "python benchmarks/bench_nemotron_flash.py "
                                             + " ".join(argv if argv is not None else sys.argv[1:]),
+                                            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                                             "machine": environment(), "mixer": mixer, "context": rows}, indent=2))
     return 0
 
