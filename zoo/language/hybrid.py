@@ -1427,6 +1427,20 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike, special_ids: dict[str, 
     return folder
 
 
+def attach_folder_tokenizer(model: nn.Module, path: str | os.PathLike) -> None:
+    """Set ``model.tokenizer`` from the ``tokenizer.json`` next to a checkpoint (file or folder), when there is one,
+    so ``save_pretrained`` writes a self-contained folder again."""
+    path = os.fspath(path)
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    tok_file = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(tok_file):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:  # pragma: no cover - the lm extra is not installed
+            return
+        model.tokenizer = Tokenizer.from_file(tok_file)
+
+
 
 # ---------------------------------------------------------------------------------------------- transformers classes
 

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from zoo.language.hybrid import HybridConfig, HybridLM, hf_model_classes
+from zoo.language.hybrid import HybridConfig, HybridLM, attach_folder_tokenizer, hf_model_classes
 import zoo.layers.recurrent_mixers  # noqa: F401,E402  (registers deltanet / mamba2 / ffn for custom layer_types)
 from zoo.registry import CheckpointSource, ModelCfg, register_model
 
@@ -292,14 +292,7 @@ def load_pretrained(
                 sd[k] = fh.get_tensor(k)
     sd = checkpoint_filter_fn(sd, model)
     load_weights(model, sd, context=f"lfm2 <- {path}", assign=True)
-    tok_file = (path if path.is_dir() else path.parent) / "tokenizer.json"
-    if tok_file.exists():  # kept with the model, so save_pretrained writes a self-contained folder again
-        try:
-            from tokenizers import Tokenizer
-
-            model.tokenizer = Tokenizer.from_file(str(tok_file))
-        except ImportError:  # pragma: no cover - the lm extra is not installed
-            pass
+    attach_folder_tokenizer(model, path)
     return model.eval()
 
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.language.hybrid import (
-    OPERATORS, ContextLengthError, GQAttention, HybridConfig, HybridLM, RMSNorm, build_context, causal_lm_loss,
+    OPERATORS, ContextLengthError, GQAttention, HybridConfig, HybridLM, RMSNorm, attach_folder_tokenizer,
+    build_context, causal_lm_loss,
     hf_model_classes, register_operator,
 )
 from zoo.layers.recurrent_mixers import mamba2_dims  # noqa: F401  (registers deltanet / mamba2 / ffn)
@@ -475,14 +476,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
             for k in fh.keys():
                 sd[k] = fh.get_tensor(k)
     load_weights(model, checkpoint_filter_fn(sd, model), context=f"nemotron_flash <- {path}", assign=True)
-    tok_file = (path if path.is_dir() else path.parent) / "tokenizer.json"
-    if tok_file.exists():
-        try:
-            from tokenizers import Tokenizer
-
-            model.tokenizer = Tokenizer.from_file(str(tok_file))
-        except ImportError:  # pragma: no cover - the lm extra is not installed
-            pass
+    attach_folder_tokenizer(model, path)
     return model.eval()
 
 
