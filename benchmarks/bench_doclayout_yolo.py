@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
-from zoo.bench import write_results  # noqa: E402
+from zoo.bench import time_interleaved, write_results  # noqa: E402
 from zoo.checkpoints import clean_state_dict  # noqa: E402
 from zoo.deploy import export, reparameterize  # noqa: E402
 from zoo.vision.yolov10 import YOLOv10Postprocess, checkpoint_filter_fn  # noqa: E402
@@ -146,16 +146,7 @@ def topk_diff(a, b, tol: float = 1e-4) -> dict:
 
 
 def interleaved(fns: dict, warmup: int, iters: int) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_interleaved(fns, warmup, iters).items()}
 
 
 def main(argv=None) -> int:

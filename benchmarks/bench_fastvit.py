@@ -19,6 +19,7 @@ shared machine hits all of them alike; median and p90 are over all timed calls. 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -103,13 +104,9 @@ def build_variants(name: str, x: torch.Tensor, workdir: Path, **kw) -> tuple[dic
 
 
 def time_interleaved(variants: dict, x: torch.Tensor, warmup: int, rounds: int, per_round: int) -> dict:
-    times = {k: [] for k in variants}
     with torch.inference_mode():
-        for fn in variants.values():
-            bench._time_calls(lambda: fn(x), warmup, 0)
-        for _ in range(rounds):
-            for k, fn in variants.items():
-                times[k] += bench._time_calls(lambda: fn(x), 0, per_round)
+        times = bench.time_interleaved({k: functools.partial(fn, x) for k, fn in variants.items()}, warmup, rounds,
+                                       per_round)
     return {k: bench.summarize(v, x.shape[0]) for k, v in times.items()}
 
 

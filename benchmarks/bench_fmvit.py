@@ -18,6 +18,7 @@ Pairs (the paper's framing; the paper measured TensorRT on a GPU and CoreML on a
     python benchmarks/bench_fmvit.py --json artifacts/bench_fmvit.json --plot artifacts/fmvit_pareto.png --markdown
 """
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -79,12 +80,8 @@ def sessions(names, image_size: int, threads: int, workdir: Path) -> tuple[dict,
 
 def time_interleaved(runs: dict, x: torch.Tensor, warmup: int, rounds: int, per_round: int) -> dict:
     feed = x.numpy()
-    times = {k: [] for k in runs}
-    for sess, inp in runs.values():
-        bench._time_calls(lambda: sess.run(None, {inp: feed}), warmup, 0)
-    for _ in range(rounds):
-        for k, (sess, inp) in runs.items():
-            times[k] += bench._time_calls(lambda: sess.run(None, {inp: feed}), 0, per_round)
+    times = bench.time_interleaved({k: functools.partial(sess.run, None, {inp: feed}) for k, (sess, inp) in runs.items()},
+                                   warmup, rounds, per_round)
     return {k: bench.summarize(v, x.shape[0]) for k, v in times.items()}
 
 

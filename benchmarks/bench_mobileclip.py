@@ -22,7 +22,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
+from zoo.bench import time_interleaved  # noqa: E402
 from zoo.checkpoints import save_file  # noqa: E402
 from zoo.deploy import reparameterize  # noqa: E402
 from zoo.vision import mobileclip as mc  # noqa: E402
@@ -48,17 +48,8 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def interleaved(fns: dict, rounds: int, per_round: int, warmup: int) -> dict[str, dict[str, float]]:
-    times = {k: [] for k in fns}
     with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(warmup):
-                fn()
-        for _ in range(rounds):
-            for k, fn in fns.items():
-                for _ in range(per_round):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
+        times = time_interleaved(fns, warmup, rounds, per_round)
     return {k: {"median_ms": statistics.median(v), "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))]} for k, v in times.items()}
 
 

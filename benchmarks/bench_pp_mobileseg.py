@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import zoo  # noqa: E402
+from zoo.bench import time_interleaved  # noqa: E402
 from zoo.deploy import export, reparameterize  # noqa: E402
 from zoo.vision.pp_mobileseg import vim_upsample  # noqa: E402
 
@@ -68,16 +69,7 @@ def build(name: str, upsample: str, present: int, seed: int = 0) -> torch.nn.Mod
 
 
 def interleaved(fns: dict, warmup: int, iters: int) -> dict:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_interleaved(fns, warmup, iters).items()}
 
 
 def main(argv=None) -> int:

@@ -179,6 +179,19 @@ def _time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
     return times
 
 
+def time_interleaved(fns: dict[str, Callable[[], Any]], warmup: int, rounds: int, per_round: int = 1
+                     ) -> dict[str, list[float]]:
+    """Call times (ms) of each function, the functions taking turns round by round, so that a burst of load from other
+    processes falls on all of them alike (compare their medians, not single runs)."""
+    for fn in fns.values():
+        _time_calls(fn, warmup, 0)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            times[k] += _time_calls(fn, 0, per_round)
+    return times
+
+
 def summarize(times_ms: Sequence[float], batch_size: int) -> dict[str, float]:
     s = sorted(times_ms)
     p90 = s[min(len(s) - 1, math.ceil(0.9 * len(s)) - 1)]
