@@ -4,6 +4,11 @@ Cache: ``$ZOO_HOME`` (default ``~/.cache/zoo``); Hugging Face files go through `
 (``HF_HOME`` / ``HF_ENDPOINT`` respected). Every download is written to a temporary file in the cache folder and
 renamed into place only after its sha256 matched, so an interrupted or corrupted transfer never leaves a file behind.
 
+Sharded checkpoints (Hugging Face ``model.safetensors.index.json`` + ``model-0000K-of-0000N.safetensors``): a source
+whose file is an ``*.index.json`` fetches the index and every shard its ``weight_map`` names into one folder (each
+shard through the same temporary-file / hash / rename rules; a URL index is placed last, so a cache folder with an index
+always has every shard), and :func:`load_file` on the index reads exactly the tensors it maps, naming any missing shard.
+
 Offline: with ``HF_HUB_OFFLINE=1`` (or ``ZOO_OFFLINE=1``), or when the server cannot be reached within
 ``ZOO_CONNECT_TIMEOUT`` seconds (default 5), nothing is retried: the error names the file, its URL and the exact path
 (:func:`cached_path`, for URL and hub files alike) where a copy placed by hand is picked up.
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import logging
 import os
 import pickle
@@ -20,6 +26,7 @@ import socket
 import tempfile
 import zipfile
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
@@ -205,14 +212,114 @@ def _hub_download(source: CheckpointSource, cache_dir, dest: Path) -> Path:
         raise CheckpointError(f"could not fetch {source.location}: {e}. {_manual_hint(source, dest)}") from e
 
 
+# ---------------------------------------------------------------------------------------------- sharded checkpoints
+
+
+def is_shard_index(path: str | os.PathLike) -> bool:
+    """A Hugging Face shard index (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``)."""
+    return str(path).endswith(".index.json")
+
+
+def read_shard_index(path: str | os.PathLike) -> dict[str, str]:
+    """The ``weight_map`` ({tensor name: shard file name}) of a shard index. Shard names must be plain file names
+    (the shards sit next to the index): a name with a folder part is refused rather than followed."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable shard index (JSON with a weight_map): {e}") from e
+    wm = d.get("weight_map") if isinstance(d, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise CheckpointError(f"{path} has no weight_map: not a Hugging Face shard index")
+    for k, f in wm.items():
+        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", ".."):
+            raise CheckpointError(f"{path}: tensor {k} maps to {f!r}, which is not a plain shard file name next to "
+                                  f"the index; refusing to read it")
+    return wm
+
+
+def shard_files(path: str | os.PathLike) -> list[str]:
+    """The shard file names an index lists, in order of first appearance."""
+    return list(dict.fromkeys(read_shard_index(path).values()))
+
+
+def _shard_source(source: CheckpointSource, shard: str) -> CheckpointSource:
+    """The source of one shard listed by ``source``'s index: same repository / URL folder, no hash of its own unless
+    one is pinned for its location (Hugging Face indexes carry no shard hashes)."""
+    if source.hf_hub_id:
+        folder = str(Path(_hf_filename(source)).parent)
+        name = shard if folder in ("", ".") else f"{folder}/{shard}"
+        return CheckpointSource(hf_hub_id=source.hf_hub_id, hf_filename=name, layout=source.layout)
+    return CheckpointSource(url=urllib.parse.urljoin(source.url or "", shard), layout=source.layout, file_name=shard)
+
+
+def _shard_error(source: CheckpointSource, shard: str, e: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"shard {shard} listed in {_file_name(source)} ({source.location}) could not be fetched: {e}")
+
+
+def _download_sharded(source: CheckpointSource, cache_dir, progress: bool) -> Path:
+    """Fetch an index and every shard it lists into one folder; return the index's local path."""
+    dest = cached_path(source, cache_dir)
+    if dest.exists():  # downloaded earlier or placed by hand (index + shards in that folder)
+        _verify(dest, source)
+        missing = [s for s in shard_files(dest) if not (dest.parent / s).is_file()]
+        if not missing:
+            return dest
+        if source.hf_hub_id is None:
+            _check_online(source, dest)
+            for shard in missing:
+                _fetch_url_shard(source, shard, dest.parent, progress)
+            return dest
+    if source.hf_hub_id:
+        index = _hub_download(source, cache_dir, dest)
+        _verify(index, source)
+        for shard in shard_files(index):
+            sub = _shard_source(source, shard)
+            try:
+                got = _hub_download(sub, cache_dir, dest.parent / shard)
+            except CheckpointError as e:
+                raise _shard_error(source, shard, e) from e
+            _verify(got, sub)
+            if got.parent != index.parent:  # another revision's copy: load_file reads shards next to the index
+                raise CheckpointError(f"shard {shard} of {source.location} resolved to {got}, not next to {index}; "
+                                      f"clear the hub cache entry for {source.hf_hub_id} and download again")
+        return index
+    _check_online(source, dest)
+    # The index is fetched under a temporary name and renamed into place only after every shard is there, so a
+    # cached index always comes with its shards; a failed shard leaves no partial file (and no index) behind.
+    pending = dest.with_name(f".{dest.name}.pending")
+    try:
+        _download_url(source.url, pending, source, progress=False)
+        for shard in shard_files(pending):
+            if not (dest.parent / shard).is_file():
+                _fetch_url_shard(source, shard, dest.parent, progress)
+        os.replace(pending, dest)
+    finally:
+        pending.unlink(missing_ok=True)
+    return dest
+
+
+def _fetch_url_shard(source: CheckpointSource, shard: str, folder: Path, progress: bool) -> None:
+    sub = _shard_source(source, shard)
+    try:
+        _download_url(sub.url, folder / shard, sub, progress)
+    except CheckpointError as e:
+        raise _shard_error(source, shard, e) from e
+
+
 def download(source: CheckpointSource, cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Return a local, hash-verified path for ``source``, downloading it once.
 
     A file at :func:`cached_path` (downloaded earlier, or placed there by hand) is used first, for URL and hub
-    sources alike; offline or with the server unreachable, the error says where to put the file.
+    sources alike; offline or with the server unreachable, the error says where to put the file. A source naming a
+    shard index (``*.index.json``) also fetches every shard it lists, into the index's folder, and returns the
+    index's path (which :func:`load_file` reads as one checkpoint), as ``transformers`` does for sharded repos.
     """
     if not source.url and not source.hf_hub_id:
         raise CheckpointError("checkpoint source has neither url nor hf_hub_id")
+    if is_shard_index(_file_name(source)) and not (source.url and source.url.startswith("file://")):
+        return _download_sharded(source, cache_dir, progress)
     if source.url and source.url.startswith("file://"):
         path = Path(urllib.request.url2pathname(urllib.request.urlparse(source.url).path))
         if not path.exists():
@@ -244,6 +351,10 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} does not exist")
+    if path.is_dir() and (path / "model.safetensors.index.json").is_file():
+        path = path / "model.safetensors.index.json"  # a sharded folder: read what its index lists
+    if is_shard_index(path):
+        return _load_sharded(path)
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -271,6 +382,34 @@ def load_file(path: str | os.PathLike) -> dict[str, Any]:
             # a pickled ultralytics / DocLayout-YOLO model: read its tensors without running anything
             return load_pickled_module_tensors(path)
         raise err from e
+
+
+def _load_sharded(index: Path) -> dict[str, Any]:
+    """Every tensor a shard index maps, read from the shards next to it; a missing shard, or a shard that does not
+    hold what the index places in it (or holds tensors the index does not list), is an error naming both."""
+    wm = read_shard_index(index)
+    by_shard: dict[str, list[str]] = {}
+    for k, f in wm.items():
+        by_shard.setdefault(f, []).append(k)
+    missing = [f for f in by_shard if not (index.parent / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"shard {missing[0]} listed in {index.name} is missing: expected at {index.parent / missing[0]}"
+            + (f" (also missing: {', '.join(missing[1:])})" if len(missing) > 1 else "")
+            + ". Download the checkpoint again (zoo fetches every shard an index lists) or place the shard there.")
+    out: dict[str, Any] = {}
+    for f, keys in by_shard.items():
+        sd = load_file(index.parent / f)
+        absent = [k for k in keys if k not in sd]
+        extra = sorted(set(sd) - set(keys))
+        if absent or extra:
+            raise CheckpointError(
+                f"{f} does not match {index.name}: "
+                + (f"{len(absent)} tensors the index places there are absent ({', '.join(absent[:5])}) " if absent else "")
+                + (f"{len(extra)} tensors are not in the index ({', '.join(extra[:5])})" if extra else "")
+                + "; the shard and the index come from different checkpoints: download them again together.")
+        out.update(sd)
+    return out
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -483,15 +483,15 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
 # ---------------------------------------------------------------------------------------------- registry
 
 
-def _cfg(hub_id: str | None = None, **kw) -> ModelCfg:
+def _cfg(hub_id: str | None = None, filename: str = "model.safetensors", **kw) -> ModelCfg:
     return ModelCfg(
         task="text-generation", family="nemotron_flash", paper="2511.18890", license="cc-by-nc-4.0",
-        num_classes=65536, input_size=(), pool_size=None, crop_pct=1.0, interpolation="", mean=(), std=(),
-        first_conv=None, classifier=None,
-        source=CheckpointSource(hf_hub_id=hub_id, hf_filename="model.safetensors", layout="hf") if hub_id else None,
-        notes="NVIDIA Nemotron-Flash weights (bf16, remote-code release); converted from the release layout. Sharded "
-        "repositories load as folders: nemotron_flash.load_pretrained(folder) or `zoo generate <hub folder>`. "
-        "No sha256 pinned: the hub revision is trusted." if hub_id else "",
+        num_classes=kw.pop("num_classes", 65536), input_size=(), pool_size=None, crop_pct=1.0, interpolation="",
+        mean=(), std=(), first_conv=None, classifier=None,
+        source=CheckpointSource(hf_hub_id=hub_id, hf_filename=filename, layout="hf") if hub_id else None,
+        notes="NVIDIA Nemotron-Flash weights (bf16, remote-code release); converted from the release layout"
+        + (" (sharded: the index and every shard are fetched)" if filename.endswith(".index.json") else "")
+        + ". No sha256 pinned: the hub revision is trusted." if hub_id else "",
         **kw,
     )
 
@@ -499,9 +499,11 @@ def _cfg(hub_id: str | None = None, **kw) -> ModelCfg:
 load_on_meta = True
 
 default_cfgs = {
+    # the 1B repository holds one model.safetensors (its upload commit lists that file); the 3B ones are two shards
+    # plus model.safetensors.index.json (the -3B-Instruct file listing)
     "nemotron_flash_1b.nvidia": _cfg("nvidia/Nemotron-Flash-1B"),
-    "nemotron_flash_3b.nvidia": _cfg("nvidia/Nemotron-Flash-3B"),
-    "nemotron_flash_3b.nvidia_instruct": _cfg("nvidia/Nemotron-Flash-3B-Instruct"),
+    "nemotron_flash_3b.nvidia": _cfg("nvidia/Nemotron-Flash-3B", "model.safetensors.index.json"),
+    "nemotron_flash_3b.nvidia_instruct": _cfg("nvidia/Nemotron-Flash-3B-Instruct", "model.safetensors.index.json"),
 }
 
 
