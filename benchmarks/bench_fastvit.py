@@ -15,6 +15,10 @@ shared machine hits all of them alike; median and p90 are over all timed calls. 
 
     python benchmarks/bench_fastvit.py                     # fastvit_mci0 and fastvit_sa12, batch 1, 256 px, 1 thread
     python benchmarks/bench_fastvit.py --batch-sizes 1 8 --json artifacts/bench_fastvit.json --markdown
+    nice python benchmarks/bench_fastvit.py --batch-sizes 1 8 --results benchmarks/results/fastvit_latency.json
+
+``--results`` writes the MODEL_CARD tables (``median``: ms per callable, ``ratios``) through
+``zoo.bench.write_results``, with the command, date, machine, versions and the load sampled during the timing.
 """
 from __future__ import annotations
 
@@ -123,12 +127,15 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=5, help="timed calls per variant per round (batch 1)")
     p.add_argument("--json", default=None, help="write all figures here")
     p.add_argument("--markdown", action="store_true", help="also print a markdown table (for MODEL_CARD.md)")
+    p.add_argument("--results", default=None,
+                   help="write the MODEL_CARD tables here (zoo.bench.write_results), e.g. "
+                        "benchmarks/results/fastvit_latency.json")
     p.add_argument("--tiny", action="store_true", help="smoke run: 1 block per stage, narrow widths (figures meaningless)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     results, ratios = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    with bench.LoadSampler() as load, tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             for bs in args.batch_sizes:
                 torch.manual_seed(1)
@@ -177,6 +184,22 @@ def main(argv=None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"environment": env, "settings": vars(args), "results": results, "ratios": ratios},
                                    indent=2))
+        print(f"wrote {path}")
+    if args.results:
+        variants = list(dict.fromkeys(r["variant"] for r in results))
+        median = {"columns": ["model", "batch", *variants], "rows": [
+            [name, bs, *(f"{r['median_ms']:.1f} ({r['p90_ms']:.1f})" for r in results
+                         if r["model"] == name and r["batch_size"] == bs)]
+            for name in args.models for bs in args.batch_sizes]}
+        ratio_table = {"columns": ["model", "batch", *(f"{a} / {b}" for a, b in RATIOS)], "rows": [
+            [name, bs, *(f"{r['ratio']:.2f}" for r in ratios if r["model"] == name and r["batch_size"] == bs)]
+            for name in args.models for bs in args.batch_sizes]}
+        path = bench.write_results(
+            args.results, {"median": median, "ratios": ratio_table},
+            settings={k: v for k, v in vars(args).items() if k not in ("json", "results")}, load=load.summary(),
+            data={"results": results, "ratios": ratios},
+            notes=f"{args.image_size} px, {args.threads} thread(s), interleaved timing; cells: median ms (p90) over "
+                  "all timed calls; ratios of medians (< 1: the first is faster)")
         print(f"wrote {path}")
     return 0
 

@@ -164,8 +164,10 @@ def render_results_table(file: str, table: str) -> str:
     how += "".join(f", {k} {m[k]}" for k in ("torch", "timm") if m.get(k))
     if m.get("cpu_count"):
         how += f", {m['cpu_count']} CPUs"
-    la = m.get("load_average")
-    if la:  # a measured file records the 1-minute load at the end; a transcribed one the range the card quoted
+    la, run_load = m.get("load_average"), m.get("load_during_run")
+    if run_load:  # sampled while the figures were measured (zoo.bench.LoadSampler)
+        how += f", load average {run_load['mean']:.1f} during the run ({run_load['min']:g}-{run_load['max']:g})"
+    elif la:  # a measured file records the 1-minute load at the end; a transcribed one the range the card quoted
         how += f", load average {'-'.join(f'{x:g}' for x in la) if transcribed else format(la[0], '.1f')}"
     if transcribed:
         how += f"; transcribed: {doc.get('transcribed_from', 'an earlier single run, origin not recorded')}"

@@ -487,12 +487,15 @@ def write_json(rows: Sequence[dict[str, Any]], path: str | os.PathLike, settings
 
 
 def write_results(path: str | os.PathLike, tables: dict[str, dict[str, Any]], *, command: str | None = None,
-                  settings: dict[str, Any] | None = None, notes: str = "") -> Path:
+                  settings: dict[str, Any] | None = None, notes: str = "", load: dict[str, Any] | None = None,
+                  data: Any = None) -> Path:
     """Write measured figures as a small results file that MODEL_CARD tables are generated from.
 
     ``tables`` maps a table name to ``{"columns": [...], "rows": [[...], ...]}`` (cells: numbers or short strings, as
     the card shows them). The file also records how the figures were produced: the command (default: this process's
     argv), the UTC date, the machine and load average, the versions, ``settings`` and ``notes``. Written atomically.
+    ``load``: the load average sampled while the figures were measured (:class:`LoadSampler`), kept with the machine;
+    ``data``: the full-precision figures the tables were rounded from (kept under ``"data"``, not rendered).
     ``scripts/make_model_card.py`` renders a table between ``<!-- results FILE TABLE -->`` and ``<!-- end results -->``.
     """
     import datetime
@@ -513,11 +516,44 @@ def write_results(path: str | os.PathLike, tables: dict[str, dict[str, Any]], *,
         "notes": notes,
         "tables": tables,
     }
+    if load:
+        doc["machine"]["load_during_run"] = load
+    if data is not None:
+        doc["data"] = data
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     tmp.replace(path)
     return path
+
+
+class LoadSampler:
+    """The 1-minute load average every ``period`` seconds while a measurement lasts (for :func:`write_results`'s
+    ``load``: on a shared machine the load during the run says how far its times are inflated)."""
+
+    def __init__(self, period: float = 20.0):
+        import threading
+
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(period)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"mean": round(sum(s) / len(s), 2), "min": round(min(s), 2), "max": round(max(s), 2), "samples": len(s)}
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
