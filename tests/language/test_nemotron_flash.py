@@ -59,7 +59,9 @@ def test_released_shapes_on_meta():
         m3 = zoo.create_model("nemotron_flash_3b")
         m1 = zoo.create_model("nemotron_flash_1b")
     assert sum(p.numel() for p in m3.parameters()) == 2_749_605_408
-    assert sum(p.numel() for p in m1.parameters()) == 958_778_368
+    # 1B: hidden 2048 and the 131072-entry vocabulary are published, the rest assumed (MODEL_CARD.md)
+    assert sum(p.numel() for p in m1.parameters()) == 1_227_213_824
+    assert m1.config.hidden_size == 2048 and m1.config.vocab_size == 131072 and m1.default_cfg.num_classes == 131072
     types = m3.config.layer_types
     assert len(types) == 36 and types.count("ffn") == 18
     assert [i for i, t in enumerate(types) if t == "deltanet"] == [0, 8, 16, 24, 28, 32]
@@ -215,6 +217,16 @@ def test_weight_norm_training_export_and_zoo_generate(tmp_path, capsys):
     close(w.norm(dim=1), torch.ones(32))
     close(m.model.layers[1].ffn.w2.weight.norm(dim=0), torch.ones(48))
     close(m.lm_head.weight.norm(dim=1), torch.ones(64))
+    emb = m.model.embed_tokens  # nGPT's rule: the embedding rows too (the padding row stays zero)
+    rows = [i for i in range(64) if i != emb.padding_idx]
+    close(emb.weight[rows].norm(dim=1), torch.ones(len(rows)))
+    assert emb.padding_idx is None or not emb.weight[emb.padding_idx].any()
+    # o_proj is square here ([32, 32]): it writes to the residual stream, so its columns are normalised, not rows
+    o = m.model.layers[0].gla.o_proj.weight
+    close(o.norm(dim=0), torch.ones(32))
+    assert not torch.allclose(o.norm(dim=1), torch.ones(32), atol=1e-3)
+    close(m.model.layers[4].self_attn.out_proj.weight.norm(dim=0), torch.ones(32))
+    close(m.model.layers[2].mamba.out_proj.weight.norm(dim=0), torch.ones(64))
 
     args = {k: v for k, v in TINY.items() if k != "vocab_size"}
     task = CausalLM("nemotron_flash_1b", model_args=args, lr=1e-2, warmup_steps=1, weight_norm=True,

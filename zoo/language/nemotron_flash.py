@@ -98,7 +98,9 @@ NEMOTRON_FLASH_CONFIGS: dict[str, dict[str, Any]] = {
                mamba2_headdim=64, mamba_d_conv=4, d_conv=4, num_memory_tokens=128, rms_norm_eps=1e-6, rope=True,
                rope_type="default", rope_theta=10000.0, max_position_embeddings=8192, kq_norm="none",
                tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-    "1b": dict(vocab_size=65536, hidden_size=2048, layer_types=_3B_PATTERN.split()[:24], num_attention_heads=16,
+    # 1B: hidden 2048 and the 131072-entry vocabulary are sourced; the pattern, heads and the rest are assumed (the
+    # 3B's first 24 entries, head dim 128): MODEL_CARD.md ("Shapes and where each value comes from")
+    "1b": dict(vocab_size=131072, hidden_size=2048, layer_types=_3B_PATTERN.split()[:24], num_attention_heads=16,
                num_key_value_heads=4, intermediate_size=0, ffn_expand_ratio=3, mamba_d_state=128, mamba_expand=2,
                mamba2_headdim=64, mamba_d_conv=4, d_conv=4, num_memory_tokens=128, rms_norm_eps=1e-6, rope=True,
                rope_type="default", rope_theta=10000.0, max_position_embeddings=8192, kq_norm="none",
@@ -358,25 +360,36 @@ class NemotronFlashLM(HybridLM):
         return load_pretrained(path, dtype=dtype, **overrides)
 
 
+# Linear layers that write to the residual stream ([hidden, in]): their hidden-space vectors are the columns.
+_WRITES_RESIDUAL = ("o_proj", "out_proj", "w2", "down_proj")
+
+
 @torch.no_grad()
 def weight_normalize_(model: nn.Module) -> nn.Module:
-    """Weight normalisation (training option, applied after every optimizer step): every ``nn.Linear`` weight that
-    reads the residual stream (``[out, hidden]``: q/k/v/b/in_proj, gate/up, lm_head) gets unit-L2 rows, every one
-    that writes to it (``[hidden, in]``: o_proj/out_proj/down) unit-L2 columns -- each hidden-space vector of a weight
-    lies on the unit sphere. MODEL_CARD.md ("Nemotron-Flash", weight normalisation) states the evidence: the release
-    code only shows the logit division by the head's row norms; this per-vector projection is our formulation."""
-    hidden = None
+    """Weight normalisation (training option, applied once before training and after every optimizer step): every
+    weight vector that lives in the hidden (residual-stream) space is projected onto the unit sphere -- the rows of
+    the token embedding, of the LM head and of every ``nn.Linear`` that reads the residual stream (q/k/v/b/in_proj,
+    gate/up: ``[out, hidden]``), and the columns of every one that writes to it (o_proj/out_proj/down: ``[hidden,
+    in]``, told apart by name so square matrices are not ambiguous). This is the matrix rule of NVIDIA's nGPT
+    reference code (``normalize_matrices``: embedding, q/k/v, fc and lm_head along the embedding dimension, the two
+    output projections along it too), the closest published formulation from the same lab; the Nemotron-Flash paper's
+    own rule could not be read (MODEL_CARD.md, "Weight normalisation", states what the code evidence is)."""
     cfg = getattr(model, "config", None)
-    if cfg is not None:
-        hidden = getattr(cfg, "hidden_size", None)
-    for m in model.modules():
-        if not isinstance(m, nn.Linear) or m.weight.device.type == "meta":
+    hidden = getattr(cfg, "hidden_size", None)
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(m, (nn.Linear, nn.Embedding)) or w is None or w.device.type == "meta" or w.ndim != 2:
             continue
-        w = m.weight
-        if w.shape[1] == hidden:
-            w.div_(w.float().norm(dim=1, keepdim=True).clamp_min(1e-12).to(w.dtype))
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(m, nn.Linear) and leaf in _WRITES_RESIDUAL and w.shape[0] == hidden:
+            dim = 0
+        elif w.shape[1] == hidden:
+            dim = 1
         elif w.shape[0] == hidden:
-            w.div_(w.float().norm(dim=0, keepdim=True).clamp_min(1e-12).to(w.dtype))
+            dim = 0
+        else:
+            continue
+        w.div_(w.float().norm(dim=dim, keepdim=True).clamp_min(1e-12).to(w.dtype))
     return model
 
 
@@ -501,7 +514,7 @@ load_on_meta = True
 default_cfgs = {
     # the 1B repository holds one model.safetensors (its upload commit lists that file); the 3B ones are two shards
     # plus model.safetensors.index.json (the -3B-Instruct file listing)
-    "nemotron_flash_1b.nvidia": _cfg("nvidia/Nemotron-Flash-1B"),
+    "nemotron_flash_1b.nvidia": _cfg("nvidia/Nemotron-Flash-1B", num_classes=131072),
     "nemotron_flash_3b.nvidia": _cfg("nvidia/Nemotron-Flash-3B", "model.safetensors.index.json"),
     "nemotron_flash_3b.nvidia_instruct": _cfg("nvidia/Nemotron-Flash-3B-Instruct", "model.safetensors.index.json"),
 }
@@ -513,8 +526,9 @@ def _create(size: str, kwargs: dict[str, Any]) -> NemotronFlashLM:
 
 @register_model
 def nemotron_flash_1b(**kwargs) -> NemotronFlashLM:
-    """Nemotron-Flash-1B (shapes derived, see MODEL_CARD.md): d=2048, 24 layers (4 DeltaNet, 6 Mamba2, 2 attention
-    mixers + 12 FFN 6144)."""
+    """Nemotron-Flash-1B: d=2048 and vocabulary 131072 as published; the layer pattern and head counts were not
+    found and are assumed (MODEL_CARD.md): 24 layers (4 DeltaNet, 6 Mamba2, 2 attention mixers + 12 FFN 6144), 16
+    heads / 4 KV heads, 128 meta tokens, untied head."""
     return _create("1b", kwargs)
 
 
