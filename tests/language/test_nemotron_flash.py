@@ -194,6 +194,17 @@ def test_release_layout_checkpoint_converts(model, tmp_path):
         ref.load_state_dict({k: v.float() for k, v in checkpoint_filter_fn(release, ref).items()})
         close(m(ids), ref(ids))
         close(m(ids), model(ids), 0.1)  # bf16 checkpoint vs the fp32 original
+    # with the release's model.safetensors.index.json, exactly the shards it lists are read (a stray file is not)
+    shards = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    index = {"weight_map": {k: shards[i >= half] for i, k in enumerate(keys)}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    save_file({"stray.weight": torch.ones(1)}, str(tmp_path / "consolidated.safetensors"))
+    with torch.no_grad():
+        close(load_pretrained(tmp_path)(ids), ref(ids))
+    (tmp_path / shards[1]).rename(tmp_path / "moved.safetensors")
+    with pytest.raises(zoo.checkpoints.CheckpointError, match=f"shard {shards[1]} listed in .*is missing"):
+        load_pretrained(tmp_path)
+    (tmp_path / "moved.safetensors").rename(tmp_path / shards[1])
     # a checkpoint whose Mamba2 shapes contradict the config is refused, naming the tensor and the config values
     cfg["mamba_d_state"] = 16
     (tmp_path / "config.json").write_text(json.dumps(cfg))

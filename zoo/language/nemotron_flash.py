@@ -474,11 +474,19 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None, d
     a ``tokenizer.json`` next to them is attached as ``model.tokenizer``."""
     from safetensors import safe_open
 
-    from zoo.checkpoints import load_weights
+    from zoo.checkpoints import CheckpointError, is_shard_index, load_weights, shard_files
 
     path = Path(path)
     cfg = hybrid_config_from_nemotron_flash(_read_config(path), **overrides)
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    index = path / "model.safetensors.index.json" if path.is_dir() else path
+    if is_shard_index(index) and index.is_file():  # a sharded release: exactly the shards its index lists
+        files = [index.parent / f for f in shard_files(index)]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"shard {missing[0]} listed in {index} is missing (expected at "
+                                  f"{index.parent / missing[0]}); download the folder again")
+    else:
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
     with torch.device("meta"):
