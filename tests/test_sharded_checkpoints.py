@@ -58,6 +58,11 @@ def test_sharded_url_download_cache_and_load(server, tmp_path):  # noqa: F811
     (index.parent / SHARDS[1]).unlink()
     download(src, cache_dir=tmp_path, progress=False)
     assert server.requests[n1:] == [f"/sharded/ok/{SHARDS[1]}"]
+    # a cached index that no longer matches its hash is fetched again (the shards are kept)
+    index.write_bytes(b'{"weight_map": {}}')
+    n2 = len(server.requests)
+    assert download(src, cache_dir=tmp_path, progress=False) == index and index.read_bytes() == files[INDEX]
+    assert server.requests[n2:] == ["/sharded/ok/" + INDEX]
     # the index's own hash is checked like any file's
     with pytest.raises(CheckpointError, match="sha256 mismatch"):
         download(CheckpointSource(url=url, sha256="0" * 64), cache_dir=tmp_path / "bad", progress=False)

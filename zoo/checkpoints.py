@@ -262,7 +262,12 @@ def _download_sharded(source: CheckpointSource, cache_dir, progress: bool) -> Pa
     """Fetch an index and every shard it lists into one folder; return the index's local path."""
     dest = cached_path(source, cache_dir)
     if dest.exists():  # downloaded earlier or placed by hand (index + shards in that folder)
-        _verify(dest, source)
+        try:
+            _verify(dest, source)
+        except HashMismatchError:
+            log.warning("cached %s does not match its hash; downloading it again", dest)
+            dest.unlink()
+    if dest.exists():
         missing = [s for s in shard_files(dest) if not (dest.parent / s).is_file()]
         if not missing:
             return dest
