@@ -212,3 +212,68 @@ def test_qat_fake_quant_round_trip(trained):
     assert set(state) == set(trained.state_dict())
     remove_qat(model, handles)
     assert torch.equal(model.body[0].weight, w) and set(model.state_dict()) == set(trained.state_dict())
+
+
+@pytest.fixture(scope="module")
+def text_quantized(tmp_path_factory):
+    """A tiny MobileCLIP-S0 text tower (MCt: RepMixer + transformer, the full CLIP vocabulary) quantized on the
+    tokenized captions of the embedded digits caption DataModule (2 batches)."""
+    from zoo.data.clip_data import DigitsCLIPDataModule
+    from zoo.vision.mobileclip import TextTransformer
+
+    torch.manual_seed(0)
+    text = TextTransformer(embed_dim=32, width=64, heads=2, layers=1, variant="mct", context_length=16).eval()
+    dm = DigitsCLIPDataModule(model_name="mobileclip_s0", batch_size=16, context_length=16)
+    out = tmp_path_factory.mktemp("text")
+    return text, dm, quantize(text, dm, out / "text.int8.onnx", num_batches=2, fp32_path=out / "text.fp32.onnx")
+
+
+def test_text_encoder_int8_from_tokenized_captions(text_quantized):
+    text, dm, res = text_quantized
+    rep = res.report
+    assert rep["inputs"] == "token ids" and rep["family"] == "mobileclip" and rep["calibration_images"] == 32
+    assert rep["images"] == len(dm.splits["test"][1])  # the caption pairs of the test split
+    # embeddings: cosine similarity of int8 vs fp32 per caption, and the max error against the embedding scale
+    assert rep["cosine_min"] > 0.99 and rep["cosine_mean"] > 0.995
+    assert rep["max_logit_err"] < 0.1 * rep["outputs"][0]["fp32_scale"]
+    graph = onnx.load(str(res.path)).graph
+    inits = {t.name: t for t in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    assert graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64  # token ids stay integers
+    # the embedding table (vocab x width) is stored 8-bit and dequantized in front of the lookup (Gather)
+    (emb,) = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == graph.input[0].name]
+    dq = producer[emb.input[0]]
+    table = inits[dq.input[0]]
+    assert dq.op_type == "DequantizeLinear" and list(table.dims) == [text.vocab_size, 64]
+    assert table.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    # the family rule: softmax and LayerNorm run as fp32 ops (the quantizer gives them no int8 form)
+    assert {"Softmax", "LayerNormalization"} <= set(rep["fp32_op_types"])
+    assert {"Softmax", "LayerNormalization"} <= {n.op_type for n in graph.node}
+    assert res.path.stat().st_size < 0.4 * res.fp32_path.stat().st_size
+    tok = dm.tokenizer(["a photo of the number three", "seven"])
+    sess = ort_session(res.path)
+    (emb8,) = sess.run(None, {sess.get_inputs()[0].name: tok.numpy()})
+    with torch.no_grad():
+        ref = text(tok)
+    assert torch.nn.functional.cosine_similarity(torch.from_numpy(emb8), ref).min() > 0.99
+
+
+def test_text_encoder_bad_calibration_data(text_quantized, tmp_path):
+    import functools
+
+    import zoo
+
+    text = text_quantized[0]
+    out = tmp_path / "t.onnx"
+    tok = functools.partial(zoo.get_tokenizer("mobileclip_s0"), context_length=16)
+    with pytest.raises(QuantizationError, match="takes token ids, an integer"):
+        quantize(text, torch.randn(16, 3, 8, 8).reshape(16, -1), out, num_batches=2)
+    with pytest.raises(QuantizationError, match="need a tokenizer"):
+        quantize(text, ["one", "two"] * 8, out, num_batches=2)
+    with pytest.raises(QuantizationError, match="17 tokens per row.*context length 16"):
+        quantize(text, torch.randint(0, 100, (16, 17)), out, num_batches=2)
+    with pytest.raises(QuantizationError, match=r"outside \[0, 49408\)"):
+        quantize(text, torch.full((16, 16), 49408), out, num_batches=2)
+    with pytest.raises(QuantizationError, match="too few calibration samples.*token sequence"):
+        quantize(text, ["one", "two"], out, num_batches=2, tokenizer=tok)
+    assert not list(tmp_path.iterdir())

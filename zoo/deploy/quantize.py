@@ -3,6 +3,8 @@
     from zoo.deploy import quantize
     res = quantize(model, "quickstart", "model.int8.onnx", method="percentile")   # recipe name, DataModule, tensor
     print(res.report)      # int8 vs fp32 on the test split: top-1 agreement, max logit error, accuracies
+    # a text encoder takes token ids: calibrate on tokenized captions (a recipe's DataModule, or texts + tokenizer)
+    res = quantize(clip.text, "mobileclip/digits_teacher", "text.int8.onnx")   # report: embedding cosine similarity
 
 Flow: reparameterize -> fp32 ONNX (``zoo.deploy.export``, parity-checked) -> onnxruntime's ``quant_pre_process``
 (shape inference, graph fusions) -> ``quantize_static`` in QDQ format (int8 per-channel symmetric weights, uint8
@@ -12,6 +14,10 @@ model against the fp32 one on the test split. The file appears at ``path`` only 
 What stays fp32 is declared in one place, :data:`FAMILY_RULES`: every family gets the default rule (weighted layers
 and the ops between them quantized, the tail after the last weighted layer, e.g. a detector's box decoding and NMS,
 left in fp32); a family that needs more (attention softmax in fp32, ...) adds an entry keyed by its module name.
+
+Token-id models (a CLIP text encoder: ``vocab_size`` and ``context_length`` attributes) are calibrated on integer
+(N, L) token batches (``batch["text"]`` of a caption DataModule, an integer tensor, or texts with ``tokenizer=``);
+their embedding table is quantized when the family rule lists ``Gather`` (int8 table, fp32 lookup result).
 """
 from __future__ import annotations
 
@@ -51,10 +57,12 @@ class QuantRule:
         fp32_outputs_of: op types whose outputs stay fp32 (their inputs and weights are still int8).
         fp32_tail: keep every node after the last weighted layer in fp32 (post-processing, decoding).
         fp32_depthwise: keep grouped (depthwise) convolutions in fp32.
+        int8_op_types: op types quantized on top of ``DEFAULT_OP_TYPES`` (e.g. ``Gather``: a token embedding table).
         why: the reason, shown in the report.
     """
 
     fp32_op_types: tuple[str, ...] = ()
+    int8_op_types: tuple[str, ...] = ()
     fp32_outputs_of: tuple[str, ...] = ()
     fp32_tail: bool = True
     fp32_depthwise: bool = False
@@ -68,8 +76,9 @@ FAMILY_RULES: dict[str, QuantRule] = {
                              "layer (decoding, NMS) in fp32"),
     "nextvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32 (E-MHSA)"),
     "fastvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32 (stage-4 MHSA)"),
-    "mobileclip": QuantRule(fp32_op_types=("Softmax", "LayerNormalization"),
-                            why="attention softmax and LayerNorm in fp32 (text and image transformers)"),
+    "mobileclip": QuantRule(fp32_op_types=("Softmax", "LayerNormalization"), int8_op_types=("Gather",),
+                            why="attention softmax and LayerNorm in fp32 (text and image transformers); the text "
+                                "tower's token embedding table int8 (Gather), the token ids stay int64"),
     "fmvit": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32"),
     "pp_mobileseg": QuantRule(fp32_op_types=("Softmax",), why="attention softmax in fp32"),
     "mobiledets": QuantRule(why="box decoding, score sigmoid and NMS after the SSDLite head in fp32"),
@@ -156,6 +165,61 @@ def _images(batch) -> torch.Tensor:
     return batch
 
 
+TOKEN_KEYS = ("text", "input_ids", "tokens")
+
+
+def takes_tokens(model: nn.Module) -> bool:
+    """A token-id model (e.g. a CLIP text encoder): integer ``vocab_size`` and ``context_length`` attributes."""
+    return all(isinstance(getattr(model, a, None), int) for a in ("vocab_size", "context_length"))
+
+
+def _tokens(batch, tokenizer=None) -> torch.Tensor:
+    """The (N, L) token ids of a batch: an integer tensor, the first item of a tuple, ``batch['text'|'input_ids'|
+    'tokens']``, or a list of texts run through ``tokenizer``."""
+    if isinstance(batch, dict):
+        for k in TOKEN_KEYS:
+            if k in batch:
+                return _tokens(batch[k], tokenizer)
+        raise QuantizationError(f"a calibration batch is a dict without token ids (keys {sorted(batch)}; expected "
+                                f"one of {', '.join(TOKEN_KEYS)})")
+    if isinstance(batch, str):
+        batch = [batch]
+    if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, str) for t in batch):
+        if tokenizer is None:
+            raise QuantizationError("calibration texts need a tokenizer: pass tokenizer= (e.g. "
+                                    "zoo.get_tokenizer(model_name)) or token ids")
+        return torch.as_tensor(tokenizer(list(batch)))
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise QuantizationError("an empty calibration batch")
+        return _tokens(batch[0], tokenizer)
+    if isinstance(batch, np.ndarray):
+        batch = torch.from_numpy(batch)
+    if not isinstance(batch, torch.Tensor):
+        raise QuantizationError(f"a calibration batch of type {type(batch).__name__}; expected token ids (N, L)")
+    return batch
+
+
+def _model_input(batch, tokens: bool, tokenizer=None) -> torch.Tensor:
+    if tokens:
+        return _tokens(batch, tokenizer).detach().cpu()
+    return _images(batch).detach().float().cpu()
+
+
+def _first_matching(loaders: Sequence, tokens: bool):
+    """Of a DataModule's several loaders for one split (e.g. zero-shot images and caption pairs), the first whose
+    batches hold what the model takes (token ids or images)."""
+    for dl in loaders:
+        batch = next(iter(dl), None)
+        if batch is None:
+            continue
+        if not tokens or isinstance(batch, dict) and any(k in batch for k in TOKEN_KEYS) or (
+                isinstance(batch, torch.Tensor) and not batch.is_floating_point()):
+            return dl
+    want = "token ids" if tokens else "images"
+    raise QuantizationError(f"none of the {len(loaders)} loaders of this split gives {want}")
+
+
 def _labels(batch):
     if isinstance(batch, (tuple, list)) and len(batch) > 1 and not isinstance(batch[0], (int, float)):
         return batch[1]
@@ -164,38 +228,45 @@ def _labels(batch):
     return None
 
 
-def _loader(data, split: str):
-    """An iterable of batches for ``split`` from a DataModule, recipe, tensor/array/file or iterable of batches."""
+def _loader(data, split: str, tokens: bool = False):
+    """An iterable of batches for ``split`` from a DataModule, recipe, tensor/array/file, list of texts (``tokens``)
+    or iterable of batches."""
     if isinstance(data, (str, os.PathLike)):
         p = Path(data)
         if p.suffix in (".npy", ".pt", ".pth") and p.is_file():
             arr = torch.from_numpy(np.load(p)) if p.suffix == ".npy" else torch.load(p, map_location="cpu",
                                                                                     weights_only=True)
-            return _loader(arr, split)
+            return _loader(arr, split, tokens)
         data = datamodule_from_recipe(data)
     if isinstance(data, np.ndarray):
         data = torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
-        if data.dim() != 4:
-            raise QuantizationError(f"calibration images of shape {tuple(data.shape)}; expected (N, C, H, W)")
+        want = 2 if tokens else 4
+        if data.dim() != want:
+            raise QuantizationError(f"calibration {'token ids' if tokens else 'images'} of shape {tuple(data.shape)}; "
+                                    f"expected {'(N, L)' if tokens else '(N, C, H, W)'}")
         return [data[i:i + 8] for i in range(0, len(data), 8)]
+    if tokens and isinstance(data, (list, tuple)) and data and all(isinstance(t, str) for t in data):
+        return [list(data[i:i + 8]) for i in range(0, len(data), 8)]  # texts, tokenized per batch
     if hasattr(data, "train_dataloader") and hasattr(data, "setup"):  # a LightningDataModule
         data.setup("fit" if split == "train" else split)
-        return getattr(data, f"{split}_dataloader")()
+        loader = getattr(data, f"{split}_dataloader")()
+        return _first_matching(loader, tokens) if isinstance(loader, (list, tuple)) else loader
     return data
 
 
-def calibration_batches(data, num_batches: int, split: str = "train", seed: int = 0) -> list[torch.Tensor]:
-    """The first ``num_batches`` image batches of ``split`` (deterministic: the loader's sampler and any augmentation
-    draw from generators seeded with ``seed``)."""
+def calibration_batches(data, num_batches: int, split: str = "train", seed: int = 0, tokens: bool = False,
+                        tokenizer=None) -> list[torch.Tensor]:
+    """The first ``num_batches`` image (or, with ``tokens``, token-id) batches of ``split`` (deterministic: the
+    loader's sampler and any augmentation draw from generators seeded with ``seed``)."""
     if num_batches < 1:
         raise ValueError(f"num_batches must be >= 1 (got {num_batches})")
-    loader = _loader(data, split)
+    loader = _loader(data, split, tokens)
     out: list[torch.Tensor] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in loader:
-            out.append(_images(batch).detach().float().cpu())
+            out.append(_model_input(batch, tokens, tokenizer))
             if len(out) == num_batches:
                 break
     return out
@@ -235,6 +306,24 @@ def _tail_nodes(model_proto) -> list[str]:
     return [nodes[i].name for i in range(len(nodes)) if not feeds[i]]
 
 
+def _check_tokens(model: nn.Module, batches: Sequence[torch.Tensor]) -> None:
+    """Token batches: integer (N, L), one L for all (the export fixes it), at most the context, ids in the vocab."""
+    ctx, vocab = model.context_length, model.vocab_size
+    for i, b in enumerate(batches):
+        if b.dim() != 2 or b.is_floating_point():
+            raise QuantizationError(
+                f"calibration batch {i} has shape {tuple(b.shape)} ({b.dtype}) but {type(model).__name__} takes "
+                "token ids, an integer (N, L) tensor: calibrate with tokenized texts (a caption DataModule, or "
+                "texts with tokenizer=)")
+        if b.shape[1] != batches[0].shape[1] or b.shape[1] > ctx:
+            raise QuantizationError(
+                f"calibration batch {i} has {b.shape[1]} tokens per row (batch 0: {batches[0].shape[1]}); every "
+                f"batch needs the same length, at most the context length {ctx}: tokenize with "
+                f"context_length={ctx}")
+        if b.numel() and (int(b.min()) < 0 or int(b.max()) >= vocab):
+            raise QuantizationError(f"calibration batch {i} has token ids outside [0, {vocab}) (the vocabulary)")
+
+
 class _Reader:
     """onnxruntime CalibrationDataReader over fixed numpy batches."""
 
@@ -269,23 +358,27 @@ def _outputs(sess, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
-def parity_report(fp32_path, int8_path, batches: Iterable, threads: int | None = None) -> dict[str, Any]:
-    """int8 against fp32 (both run by onnxruntime) on ``batches`` of images or (images, labels).
+def parity_report(fp32_path, int8_path, batches: Iterable, threads: int | None = None, tokens: bool = False,
+                  tokenizer=None) -> dict[str, Any]:
+    """int8 against fp32 (both run by onnxruntime) on ``batches`` of images or (images, labels) (or, with
+    ``tokens``, of token ids).
 
-    For every output: max / mean absolute error and the fp32 output scale; for an output with a class axis (last),
-    the agreement of the arg-max (top-1 agreement for logits; per-anchor class for a detector head). With integer
-    labels, fp32 and int8 top-1 accuracy.
+    For every output: max / mean absolute error, the fp32 output scale and the cosine similarity of int8 and fp32
+    along the last axis (min and mean over rows: the figure for embeddings); for an output with a class axis
+    (last), the agreement of the arg-max (top-1 agreement for logits; per-anchor class for a detector head). With
+    integer labels, fp32 and int8 top-1 accuracy.
     """
     s32, s8 = ort_session(fp32_path, threads), ort_session(int8_path, threads)
     n = 0
     stats: list[dict[str, float]] = []
     correct32 = correct8 = labelled = 0
     for batch in batches:
-        x = _images(batch).float().numpy()
-        y = _labels(batch)
+        x = _model_input(batch, tokens, tokenizer).numpy()
+        y = None if tokens else _labels(batch)
         o32, o8 = _outputs(s32, x), _outputs(s8, x)
         if not stats:
-            stats = [dict(max_abs_err=0.0, sum_abs_err=0.0, count=0, scale=0.0, agree=0, argmax_n=0) for _ in o32]
+            stats = [dict(max_abs_err=0.0, sum_abs_err=0.0, count=0, scale=0.0, agree=0, argmax_n=0, cos_min=1.0,
+                          cos_sum=0.0, cos_n=0) for _ in o32]
         for st, a, b in zip(stats, o32, o8):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             if a.size == 0:
@@ -295,6 +388,12 @@ def parity_report(fp32_path, int8_path, batches: Iterable, threads: int | None =
             st["sum_abs_err"] += float(d.sum())
             st["count"] += d.size
             st["scale"] = max(st["scale"], float(np.abs(a).max()))
+            if a.ndim >= 2 and a.shape[-1] > 1:
+                norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+                cos = np.where(norms > 0, (a * b).sum(-1) / np.maximum(norms, 1e-30), 1.0)
+                st["cos_min"] = min(st["cos_min"], float(cos.min()))
+                st["cos_sum"] += float(cos.sum())
+                st["cos_n"] += cos.size
             if a.ndim >= 2 and a.shape[-1] > 1 and np.issubdtype(np.asarray(o32[0]).dtype, np.floating):
                 st["agree"] += int((a.argmax(-1) == b.argmax(-1)).sum())
                 st["argmax_n"] += int(np.prod(a.shape[:-1]))
@@ -310,12 +409,16 @@ def parity_report(fp32_path, int8_path, batches: Iterable, threads: int | None =
     for st in stats:
         o = {"max_abs_err": st["max_abs_err"], "mean_abs_err": st["sum_abs_err"] / max(1, st["count"]),
              "fp32_scale": st["scale"]}
+        if st["cos_n"]:
+            o["cosine_min"], o["cosine_mean"] = st["cos_min"], st["cos_sum"] / st["cos_n"]
         if st["argmax_n"]:
             o["argmax_agreement"] = st["agree"] / st["argmax_n"]
         outs.append(o)
     rep: dict[str, Any] = {"images": n, "outputs": outs}
-    if "argmax_agreement" in outs[0]:
+    if "argmax_agreement" in outs[0] and not tokens:
         rep["top1_agreement"] = outs[0]["argmax_agreement"]
+    if "cosine_min" in outs[0]:
+        rep["cosine_min"], rep["cosine_mean"] = outs[0]["cosine_min"], outs[0]["cosine_mean"]
     rep["max_logit_err"] = outs[0]["max_abs_err"]
     if labelled:
         rep["fp32_top1"], rep["int8_top1"] = correct32 / labelled, correct8 / labelled
@@ -342,13 +445,16 @@ def quantize(
     seed: int = 0,
     threads: int | None = None,
     family: str | None = None,
+    tokenizer=None,
 ) -> QuantizationResult:
     """Static int8 quantization of ``model``'s deploy form to an ONNX file run by onnxruntime.
 
     Args:
         calibration_data: a recipe (packaged name such as ``"quickstart"`` or a YAML path; its DataModule's train
             split is used), a LightningDataModule, an iterable of batches (images or (images, labels)), a tensor /
-            array (N, C, H, W) or a ``.npy`` / ``.pt`` file of one.
+            array (N, C, H, W) or a ``.npy`` / ``.pt`` file of one. For a token-id model (:func:`takes_tokens`,
+            e.g. ``clip.text``): batches of integer token ids (N, L) (a caption DataModule's ``batch["text"]``), an
+            integer tensor, or a list of texts with ``tokenizer``.
         path: the int8 ONNX file to write (only written when quantization and the report succeeded).
         method: activation calibration, ``minmax``, ``percentile`` (``percentile`` of |x|) or ``entropy``.
         num_batches: calibration batches (the first ones of the split, deterministic); at least ``min_samples``
@@ -359,10 +465,12 @@ def quantize(
             another shape are refused.
         fp32_path: also keep the fp32 ONNX file the int8 one was made from.
         family: the :data:`FAMILY_RULES` entry to apply (default: the one of the model class's module).
+        tokenizer: texts -> (N, L) token ids, for calibration / test data given as texts.
 
     Returns:
         :class:`QuantizationResult` with ``path`` and ``report`` (family rule, quantized node counts and the int8 vs
-        fp32 parity: ``top1_agreement``, ``max_logit_err``, accuracies when the test data has labels).
+        fp32 parity: ``top1_agreement``, ``max_logit_err``, ``cosine_min`` / ``cosine_mean`` of the outputs,
+        accuracies when the test data has labels).
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -376,18 +484,22 @@ def quantize(
     if family is not None and family not in FAMILY_RULES:
         raise ValueError(f"unknown family {family!r}; FAMILY_RULES has {', '.join(FAMILY_RULES)}")
     family, rule = rule_for(model) if family is None else (family, FAMILY_RULES[family])
-    batches = calibration_batches(calibration_data, num_batches, "train", seed)
+    tokens = takes_tokens(model)
+    batches = calibration_batches(calibration_data, num_batches, "train", seed, tokens, tokenizer)
     n_calib = sum(len(b) for b in batches)
     if len(batches) < num_batches or n_calib < min_samples:
         raise QuantizationError(
-            f"too few calibration samples: the data gave {len(batches)} batch(es), {n_calib} image(s); "
+            f"too few calibration samples: the data gave {len(batches)} batch(es), {n_calib} "
+            f"{'token sequence' if tokens else 'image'}(s); "
             f"num_batches={num_batches} and at least min_samples={min_samples} images are needed (pass more data, "
             "or lower num_batches / min_samples)")
-    if input_size is None:
+    if tokens:
+        _check_tokens(model, batches)
+    elif input_size is None:
         cfg = getattr(model, "pretrained_cfg", None)
         input_size = getattr(cfg, "input_size", None) if cfg is not None and not isinstance(cfg, dict) else (
             cfg.get("input_size") if isinstance(cfg, dict) else None)
-    for i, b in enumerate(batches):
+    for i, b in enumerate([] if tokens else batches):
         if b.dim() != 4 or (input_size is not None and tuple(b.shape[1:]) != tuple(input_size)):
             want = f"(N, {', '.join(map(str, input_size))})" if input_size is not None else "(N, C, H, W)"
             raise QuantizationError(
@@ -398,9 +510,9 @@ def quantize(
     if test_data == "auto":
         is_dm = isinstance(calibration_data, (str, os.PathLike)) and not str(calibration_data).endswith(
             (".npy", ".pt", ".pth")) or hasattr(calibration_data, "test_dataloader")
-        test_data = _loader(calibration_data, "test") if is_dm else batches
+        test_data = _loader(calibration_data, "test", tokens) if is_dm else batches
     elif test_data is not None:
-        test_data = _loader(test_data, "test")
+        test_data = _loader(test_data, "test", tokens)
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
@@ -409,7 +521,13 @@ def quantize(
         f32, pre = work / "fp32.onnx", work / "pre.onnx"
         example = batches[0][:2]
         try:
-            export(model, f32, "onnx", example_input=example, reparameterize=reparameterize, check=True)
+            # export's own check perturbs float inputs; token ids are checked here, at another batch size
+            deployed = export(model, f32, "onnx", example_input=example, reparameterize=reparameterize,
+                              check=not tokens)
+            if tokens:
+                from zoo.deploy.export import onnx_parity
+
+                onnx_parity(deployed, model.eval(), torch.cat([example, batches[0][-1:]]))
         except Exception as e:  # noqa: BLE001 - named for the user
             raise QuantizationError(f"the deploy form of {type(model).__name__} does not export to ONNX, so it "
                                     f"cannot be quantized: {type(e).__name__}: {e}") from e
@@ -420,7 +538,8 @@ def quantize(
             pre = f32
         proto = onnx.load(str(pre))
         present = {n.op_type for n in proto.graph.node}
-        op_types = [t for t in DEFAULT_OP_TYPES if t in present and t not in rule.fp32_op_types]
+        op_types = [t for t in (*DEFAULT_OP_TYPES, *rule.int8_op_types) if t in present
+                    and t not in rule.fp32_op_types]
         if not any(t in present for t in WEIGHTED_OP_TYPES):
             raise QuantizationError(
                 f"{type(model).__name__} has no op the int8 quantizer handles (no Conv / MatMul / Gemm in its ONNX "
@@ -452,12 +571,13 @@ def quantize(
                 raise QuantizationError(f"onnxruntime quantized no node of {type(model).__name__}")
             report: dict[str, Any] = {
                 "family": family, "rule": rule.why, "method": method, "per_channel": per_channel,
+                "inputs": "token ids" if tokens else "images",
                 "calibration_batches": len(batches), "calibration_images": n_calib,
                 "quantize_nodes": n_q, "dequantize_nodes": n_dq, "fp32_op_types": fp32_ops,
                 "fp32_tail_nodes": len(exclude),
             }
             if test_data is not None:
-                report.update(parity_report(f32, tmp, test_data, threads))
+                report.update(parity_report(f32, tmp, test_data, threads, tokens, tokenizer))
             if fp32_path is not None:
                 fp32_path = Path(fp32_path)
                 fp32_path.parent.mkdir(parents=True, exist_ok=True)
