@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -426,6 +427,40 @@ def format_report(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def results_tables(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The MODEL_CARD tables of a pipeline's results (``stages``; with the report also ``efficiency``), for
+    ``zoo.bench.write_results``."""
+    stages = res["stages"]
+    ann = stages[0]["test_acc"]
+    tables = {"stages": {"columns": ["Stage", "T", "Test top-1 %", "vs ANN", "Epochs", "Wall s"], "rows": [
+        [s["stage"], s.get("timesteps") or "-", round(100 * s["test_acc"], 2),
+         "" if s["stage"] == "ann" else f"{100 * (s['test_acc'] - ann):+.2f}", s["epochs"], round(s["wall_s"])]
+        for s in stages]}}
+    eff = res.get("efficiency") or {}
+    if eff:
+        tables["efficiency"] = {
+            "columns": ["Network", "Mean spike rate / neuron / step", "ACs (M)", "MACs (M)", "ANN MACs (M)",
+                        "Energy ANN / SNN"],
+            "rows": [[name, round(r["mean_spike_rate"], 3), round(r["snn_acs"] / 1e6, 3), round(r["snn_macs"] / 1e6, 3),
+                      round(r["ann_macs"] / 1e6, 3), f"{r['energy_ratio']:.2f}x"] for name, r in eff.items()]}
+    return tables
+
+
+def write_results_file(path: str | Path, res: dict[str, Any], out: Path, command: str,
+                       load: dict | None = None) -> Path:
+    """``res`` as a results file (``zoo.bench.write_results``: command, date, machine, versions, load)."""
+    from zoo.bench import write_results
+
+    dc = res.get("dynamic_confidence")
+    data = {"per_layer_spike_rates": {n: [round(l["spike_rate"], 4) for l in r["layers"]]
+                                      for n, r in (res.get("efficiency") or {}).items()},
+            "dynamic_confidence": dc, "onnx": res.get("onnx"),
+            "stages": [{k: v for k, v in s.items() if k not in ("thresholds", "leaks")} for s in res["stages"]]}
+    return write_results(path, results_tables(res), command=command, settings={"out": str(out), "torch_threads": torch.get_num_threads()}, load=load, data=data,
+                         notes="test split of the embedded digits (359 images), best-validation weights of each stage; "
+                               "stage wall times as each stage measured them")
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 
 
@@ -444,12 +479,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ann-epochs", type=int, default=None, help="override the ANN recipe's max_epochs")
     p.add_argument("--snn-epochs", default=None, help="override the SNN max_epochs: one value or one per stage")
     p.add_argument("--no-report", action="store_true", help="skip spike rates, energy, Dynamic Confidence and ONNX")
+    p.add_argument("--results", default=None, help="also write the tables to this results file (zoo.bench."
+                   "write_results; MODEL_CARD's is benchmarks/results/snn_digits.json)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     r = sub.add_parser("report", help="spike rates, energy estimate and Dynamic Confidence of a finished pipeline")
     r.add_argument("--out", default="runs/iir_snn_digits")
     r.add_argument("--snn", default=DEFAULT_SNN_RECIPE)
     r.add_argument("--schedule", default="5,3,1")
+    r.add_argument("--results", default=None, help="also write the tables to this results file")
     args = ap.parse_args(argv)
+    command = "zoo snn " + shlex.join(argv)
     schedule = [int(v) for v in args.schedule.split(",") if v.strip()]
     if args.cmd == "pipeline":
         rest = [a for a in args.rest if a != "--"]
@@ -457,10 +496,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.snn_epochs:
             vals = [int(v) for v in args.snn_epochs.split(",")]
             snn_epochs = vals[0] if len(vals) == 1 else vals
+        from zoo.bench import LoadSampler
+
         start = time.perf_counter()
-        res = run_pipeline(args.ann, args.snn, schedule, args.out, args.ann_epochs, snn_epochs, rest,
-                           report=not args.no_report)
+        with LoadSampler() as load:
+            res = run_pipeline(args.ann, args.snn, schedule, args.out, args.ann_epochs, snn_epochs, rest,
+                               report=not args.no_report)
         print(format_report(res))
+        if args.results:
+            print(f"wrote {write_results_file(args.results, res, Path(args.out), command, load.summary())}")
         print(f"\ntotal wall time {time.perf_counter() - start:.0f} s; results in {args.out}/report.json")
         return 0
     out = Path(args.out)
@@ -474,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     stages = [json.loads((out / n / "metrics.json").read_text()) for n in names]
     res = {"stages": stages, **_report(out, args.snn, schedule, (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), onnx=schedule[-1] == 1)}
     print(format_report(res))
+    if args.results:  # the stages' wall times are those of the pipeline run; the load at that time is not known here
+        print(f"wrote {write_results_file(args.results, res, out, command)}")
     return 0
 
 
