@@ -72,6 +72,16 @@ def _reinforced_args(tmp: Path) -> list[str]:
     return [f"--data.init_args.shards={tmp / 'dr'}", "--data.init_args.batch_size=8"]
 
 
+def _datacompdr_args(tmp: Path) -> list[str]:
+    """A tiny set in the real DataCompDR-12M layout (shards without images) + an img2dataset-style store joined by uid."""
+    from zoo.data import clip_data
+
+    shards, images = clip_data.write_datacompdr_toy(tmp / "dcdr", n=8)
+    return [f"--data.init_args.shards={shards}", f"--data.init_args.images={images}", "--data.init_args.join=uid",
+            "--data.init_args.batch_size=2", "--data.init_args.num_workers=0", "--data.init_args.image_size=32",
+            "--data.init_args.shuffle_buffer=4"]
+
+
 def _segmentation_args(layout: str):
     """ADE20K / Cityscapes layouts filled with a few generated scenes, read back through the real folder code."""
     def rule(tmp: Path) -> list[str]:
@@ -119,6 +129,7 @@ TINY_DATA_RULES = {
         "--data.init_args.batch_size=2", "--data.init_args.eval_batch_size=2"],
     "zoo.data.clip_data.DigitsCLIPDataModule": lambda tmp: ["--data.init_args.batch_size=8"],
     "zoo.data.clip_data.ReinforcedDataModule": _reinforced_args,
+    "zoo.data.clip_data.DataCompDRDataModule": _datacompdr_args,
 }
 
 
@@ -133,6 +144,10 @@ TINY_MODEL_RULES = {
 # the DocLayout-YOLO paper recipes at yolov10n's depth and width (same GL-CRM layer list): two steps of the full m
 # take minutes on this machine
 TINY_MODEL_RULES["doclayout_yolo_m"] = ["--model.init_args.model_args={scale: [0.33, 0.25, 1024]}"]
+# MobileCLIP-B (DataCompDR-12M recipe): one ViT block (the conv stem fixes its width) and one narrow text layer
+TINY_MODEL_RULES["mobileclip_b"] = [
+    "--model.init_args.model_args={embed_dim: 16, dynamic_img_size: true, image_args: {depth: 1, img_size: 32}, "
+    "text_args: {width: 32, heads: 2, layers: 1}}"]
 
 
 def _is_lightning_recipe(cfg: dict) -> bool:

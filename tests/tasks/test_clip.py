@@ -151,3 +151,69 @@ def test_reinforce_with_rand_augment_stores_datacompdr_form_and_replays_determin
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     assert cd.read_shards([path])[0]["paug"] == samples[0]["paug"]
+
+
+def test_datacompdr12m_layout_joins_images_from_a_separate_store(tmp_path):
+    """The real DataCompDR-12M layout: shards with url.txt / syn.json / paug.json / npz / json and no pixels; the
+    images and GT captions come from an img2dataset-style store, joined by key, uid or url (or a url mirror)."""
+    import hashlib
+    import io
+    import json
+    import random
+
+    from PIL import Image
+
+    shards, images = cd.write_datacompdr_toy(tmp_path / "t", n=6, shard_size=3)
+    with tarfile.open(sorted(shards.glob("*.tar"))[0]) as tar:
+        assert {n.split(".", 1)[1] for n in tar.getnames()} == {"url.txt", "syn.json", "paug.json", "npz", "json"}
+    tok = functools.partial(zoo.get_tokenizer("mobileclip_b"), context_length=16)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ds = cd.DataCompDRDataset(shards, cd.ImageStore(images, join="key"), tok, 24, mean, std, shuffle_buffer=2)
+    items = list(ds)
+    assert len(items) == 6 and items[0]["image"].shape == (3, 24, 24) and items[0]["image_emb"].shape == (16,)
+    # each item is a stored augmentation of its own image from the store, replayed with the bicubic resize
+    key, fields = next(cd.iter_tar_samples(sorted(shards.glob("*.tar"))[0]))
+    store = cd.ImageStore(images, join="uid")
+    raw, caption = store.get(key, json.loads(fields["json"])["uid"], fields["url.txt"].decode())
+    assert caption == "a photo of random noise number 0"
+    assert hashlib.sha256(raw).hexdigest() == json.loads(fields["json"])["sha256"]
+    item = ds.decode(key, fields, random.Random(0))
+    npz = np.load(io.BytesIO(fields["npz"]))
+    a = next(i for i, e in enumerate(npz["image_emb"]) if torch.equal(item["image_emb"], torch.from_numpy(e.astype(np.float32))))
+    x = torch.from_numpy(np.asarray(Image.open(io.BytesIO(raw)).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    paug = json.loads(json.loads(fields["paug.json"])["param_aug"])
+    want = (cd.replay_augmentation(x, paug[a], 24, "bicubic") - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    assert torch.allclose(item["image"], want)
+    assert torch.equal(item["text"], tok(caption)[0])
+    # the crop resize is PIL's bicubic (as DataCompDR's random_resized_crop on PIL images), not bilinear
+    (t, l, h, w), _ = cd.decode_augmentation(paug[a])
+    pil = Image.open(io.BytesIO(raw)).convert("RGB").crop((l, t, l + w, t + h)).resize((24, 24), Image.BICUBIC)
+    pil = torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1).float() / 255
+    ours, bilinear = cd.replay_augmentation(x, [[t, l, h, w], None], 24, "bicubic"), cd.replay_augmentation(x, [t, l, h, w], 24)
+    assert (ours - pil).abs().mean() < 0.01 < (bilinear - pil).abs().mean()
+    # the other store forms give the same samples
+    for store_kind, make in (("files", lambda d: cd.ImageStore(d, join="uid")),
+                             ("mirror", lambda d: cd.ImageStore(url_mirror=d))):
+        s2, im2 = cd.write_datacompdr_toy(tmp_path / store_kind, n=6, shard_size=3, store=store_kind)
+        got = list(cd.DataCompDRDataset(s2, make(im2), tok, 24, shuffle_buffer=1))
+        assert len(got) == 6
+    # a missing image names the sample key and the store
+    first = sorted((tmp_path / "files" / "images").rglob("000000004.jpg"))[0]
+    first.unlink()
+    with pytest.raises(FileNotFoundError, match=r"sample 000000004 .*uid"):
+        list(cd.DataCompDRDataset(tmp_path / "files" / "shards", cd.ImageStore(tmp_path / "files" / "images", join="uid"), tok, 24))
+    (tmp_path / "mirror" / "images" / "img1.example.com" / "p" / "1.jpg").unlink()
+    with pytest.raises(FileNotFoundError, match=r"sample 000000001: its url 'https://img1.example.com/p/1.jpg'"):
+        list(cd.DataCompDRDataset(tmp_path / "mirror" / "shards", cd.ImageStore(url_mirror=tmp_path / "mirror" / "images"), tok, 24))
+    # a different image (sha256) and a resized copy (crop box outside) are refused, naming the sample
+    p = tmp_path / "mirror" / "images" / "img0.example.com" / "p" / "0.jpg"
+    Image.open(p).resize((20, 16)).save(p)
+    with pytest.raises(ValueError, match="sample 000000000: the image's sha256"):
+        ds3 = cd.DataCompDRDataset(tmp_path / "mirror" / "shards", cd.ImageStore(url_mirror=tmp_path / "mirror" / "images"),
+                                   tok, 24, verify_sha256=True)
+        ds3.decode(*next(cd.iter_tar_samples(sorted((tmp_path / "mirror" / "shards").glob("*.tar"))[0])), random.Random(0))
+    ds3.verify = False
+    with pytest.raises(ValueError, match="sample 000000000: stored crop box .* does not fit its image of 16x20"):
+        ds3.decode(*next(cd.iter_tar_samples(sorted((tmp_path / "mirror" / "shards").glob("*.tar"))[0])), random.Random(0))
+    with pytest.raises(ValueError, match="exactly one of root"):
+        cd.ImageStore()

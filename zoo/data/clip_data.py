@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import importlib.util
 import io
 import json
@@ -200,13 +201,24 @@ def random_rand_augment(rng: random.Random, size: int, num_ops: int = 2, magnitu
     return ops
 
 
-def replay_augmentation(img: torch.Tensor, params: Sequence, size: int) -> torch.Tensor:
+def replay_augmentation(img: torch.Tensor, params: Sequence, size: int, interpolation: str = "bilinear") -> torch.Tensor:
     """Replay one stored augmentation (:func:`decode_augmentation`) on a (C, H, W) image in [0, 1]: crop, resize to
-    ``size`` (bilinear), then the RandAugment ops in order on the uint8 image (torchvision's op functions, nearest
-    interpolation, no fill: RandAugment's defaults). Deterministic: the same parameters give the same pixels."""
+    ``size`` (``interpolation``: ``"bilinear"``, as our digits shards were written, or ``"bicubic"``, DataCompDR's
+    ``random_resized_crop``, antialiased like the PIL resize it ran on, clamped to [0, 1]), then the RandAugment ops
+    in order on the uint8 image (torchvision's op functions, nearest interpolation, no fill: RandAugment's defaults).
+    Deterministic: the same parameters give the same pixels."""
     (t, l, h, w), ops = decode_augmentation(params)
-    crop = img[:, t:t + h, l:l + w].unsqueeze(0)
-    out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    if interpolation == "bilinear":
+        crop = img[:, t:t + h, l:l + w].unsqueeze(0)
+        out = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0]
+    elif interpolation == "bicubic":
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        out = TF.resized_crop(img, t, l, h, w, [size, size], interpolation=InterpolationMode.BICUBIC,
+                              antialias=True).clamp(0, 1)
+    else:
+        raise ValueError(f"interpolation={interpolation!r}: expected 'bilinear' or 'bicubic'")
     if ops:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms.autoaugment import _apply_op  # the op table RandAugment itself applies
@@ -422,6 +434,349 @@ class ReinforcedDataModule(DigitsCLIPDataModule):
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
                           num_workers=self.num_workers)
+
+
+# ------------------------------------------------------------------------- DataCompDR-12M: shards + image store
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+JOIN_FIELDS = ("key", "uid", "url")
+
+
+def iter_tar_samples(path: str | os.PathLike):
+    """(key, {field: bytes}) of a webdataset tar, in order (a sample's members are contiguous; ``KEY.FIELD``)."""
+    with tarfile.open(path) as tar:
+        key, fields = None, {}
+        for m in tar:
+            if not m.isfile():
+                continue
+            base = m.name.rsplit("/", 1)[-1]
+            k, _, field = base.partition(".")
+            if k != key and fields:
+                yield key, fields
+                fields = {}
+            key = k
+            fields[field] = tar.extractfile(m).read()
+        if fields:
+            yield key, fields
+
+
+def _image_field(fields) -> str | None:
+    return next((f for f in fields if f.lower() in IMAGE_EXTS), None)
+
+
+class ImageStore:
+    """The pixels of DataCompDR samples, which ship only ``url.txt`` (the images stay with their owners).
+
+    Either ``root``: what img2dataset wrote (``--output_format webdataset``: ``*.tar`` of ``KEY.jpg`` + ``KEY.txt``
+    (the caption) + ``KEY.json`` (``url``, ``key`` and any ``--save_additional_columns`` such as ``uid``); or
+    ``--output_format files``: the same members as files, in any sub-folders), joined to a DataCompDR sample by
+    ``join``: ``"key"`` (the member names agree), ``"uid"`` (the store's ``json`` ``uid`` = DataCompDR ``json``
+    ``uid``) or ``"url"`` (the store's ``json`` ``url`` = DataCompDR ``url.txt``). Or ``url_mirror``: a local mirror
+    where ``scheme://host/path`` lives at ``url_mirror/host/path`` (``wget -x`` layout). The index is built once
+    (tar members are read later by offset, so forked DataLoader workers share it safely)."""
+
+    def __init__(self, root: str | os.PathLike | None = None, join: str = "key",
+                 url_mirror: str | os.PathLike | None = None):
+        if (root is None) == (url_mirror is None):
+            raise ValueError("ImageStore needs exactly one of root (img2dataset output) or url_mirror (a local mirror)")
+        if join not in JOIN_FIELDS:
+            raise ValueError(f"join={join!r}: expected one of {JOIN_FIELDS}")
+        self.join, self.root, self.mirror = join, Path(root) if root else None, Path(url_mirror) if url_mirror else None
+        self.index: dict[str, dict[str, Any]] = {}
+        if self.root is not None:
+            if not self.root.exists():
+                raise FileNotFoundError(f"image store {self.root} does not exist: download the images first "
+                                        "(data/README.md, DataCompDR-12M)")
+            self._build_index()
+
+    def _add(self, fields: dict[str, Any], key: str, where: str) -> None:
+        img = _image_field(fields)
+        if img is None:
+            return  # img2dataset also writes failed samples' json/txt without an image
+        if self.join == "key":
+            name = key
+        else:
+            meta = json.loads(fields["json"]() if callable(fields.get("json")) else fields.get("json") or b"{}")
+            if self.join not in meta:
+                raise ValueError(f"image store sample {key} in {where} has no '{self.join}' in its json: re-run "
+                                 f"img2dataset with --save_additional_columns '[\"{self.join}\"]' or use join='key'")
+            name = str(meta[self.join])
+        self.index[name] = {"image": fields[img], "caption": fields.get("txt"), "where": f"{where}:{key}.{img}"}
+
+    def _build_index(self) -> None:
+        tars = sorted(self.root.rglob("*.tar")) if self.root.is_dir() else [self.root]
+        for tp in (t for t in tars if t.suffix == ".tar"):
+            with tarfile.open(tp) as tar:
+                groups: dict[str, dict[str, Any]] = {}
+                for m in tar:
+                    if m.isfile():
+                        k, _, field = m.name.rsplit("/", 1)[-1].partition(".")
+                        groups.setdefault(k, {})[field] = (str(tp), m.offset_data, m.size)
+                for k, f in groups.items():
+                    if self.join != "key" and "json" in f:
+                        f = {**f, "json": functools.partial(_read_at, *f["json"])}
+                    self._add(f, k, tp.name)
+        if self.root.is_dir():
+            files: dict[str, dict[str, Any]] = {}
+            for fp in self.root.rglob("*"):
+                if fp.is_file() and fp.suffix != ".tar":
+                    k, _, field = fp.name.partition(".")
+                    files.setdefault(str(fp.parent / k), {})[field] = fp
+            for stem, f in files.items():
+                if self.join != "key" and "json" in f:
+                    f = {**f, "json": f["json"].read_bytes}
+                self._add(f, Path(stem).name, str(Path(stem).parent))
+
+    def _mirror_path(self, url: str) -> Path:
+        from urllib.parse import unquote, urlsplit
+
+        u = urlsplit(url.strip())
+        rel = Path(unquote(u.netloc)) / unquote(u.path).lstrip("/")
+        path = (self.mirror / rel).resolve()
+        if self.mirror.resolve() not in path.parents:
+            raise ValueError(f"url {url!r} maps outside the mirror {self.mirror}")
+        return path
+
+    def get(self, key: str, uid: str | None, url: str) -> tuple[bytes, str | None]:
+        """(image bytes, caption or None) of one DataCompDR sample; a clear error naming the key when it is missing."""
+        if self.mirror is not None:
+            path = self._mirror_path(url)
+            if not path.is_file():
+                raise FileNotFoundError(f"no image for DataCompDR sample {key}: its url {url.strip()!r} maps to "
+                                        f"{path}, which does not exist in the mirror {self.mirror}")
+            cap = path.with_suffix(".txt")
+            return path.read_bytes(), cap.read_text() if cap.is_file() else None
+        name = {"key": key, "uid": uid, "url": url.strip()}[self.join]
+        entry = self.index.get(name) if name is not None else None
+        if entry is None:
+            raise FileNotFoundError(f"no image for DataCompDR sample {key} ({self.join} {name!r}) in the image store "
+                                    f"{self.root} ({len(self.index)} images indexed): download it (img2dataset) or "
+                                    "drop the sample's shard; images are joined by "
+                                    f"{'the sample key' if self.join == 'key' else repr(self.join)}")
+        cap = entry["caption"]
+        return _read(entry["image"]), (_read(cap).decode() if cap is not None else None)
+
+
+def _read_at(path: str, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def _read(ref) -> bytes:
+    if isinstance(ref, tuple):
+        return _read_at(*ref)
+    return ref.read_bytes() if isinstance(ref, Path) else ref
+
+
+def _shard_paths(shards: str | os.PathLike | Sequence[str]) -> list[Path]:
+    import glob
+
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    paths: list[Path] = []
+    for it in items:
+        p = Path(it)
+        paths += sorted(p.glob("*.tar")) if p.is_dir() else [Path(g) for g in sorted(glob.glob(str(it)))]
+    if not paths:
+        raise FileNotFoundError(f"no DataCompDR shards (*.tar) at {shards}")
+    return paths
+
+
+class DataCompDRDataset(torch.utils.data.IterableDataset):
+    """Streams DataCompDR shards (``url.txt``, ``syn.json``, ``paug.json``, ``npz``, ``json``; no pixels) and joins
+    each sample's image from an :class:`ImageStore`. Per sample: one stored augmentation replayed (crop box in the
+    original image's pixels, ``interpolation`` resize, RandAugment ops), normalised with ``mean`` / ``std``; the
+    ground-truth caption (the store's ``KEY.txt``, else a ``caption`` in the sample's json) and one random synthetic
+    caption, tokenized; the teacher embeddings of that augmentation and of both captions. Shards are split over
+    distributed ranks and DataLoader workers and shuffled per epoch (``set_epoch``) with a ``shuffle_buffer``."""
+
+    def __init__(self, shards, store: ImageStore, tokenizer, image_size: int, mean=(0.0, 0.0, 0.0),
+                 std=(1.0, 1.0, 1.0), interpolation: str = "bicubic", seed: int = 0, shuffle_buffer: int = 1000,
+                 verify_sha256: bool = False):
+        super().__init__()
+        self.paths, self.store, self.tok, self.size = _shard_paths(shards), store, tokenizer, image_size
+        self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        self.interpolation, self.seed, self.buffer, self.verify = interpolation, seed, shuffle_buffer, verify_sha256
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self) -> list[Path]:
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        order = list(self.paths)
+        random.Random(self.seed + self.epoch).shuffle(order)
+        return order[rank * nw + wid::world * nw]
+
+    def decode(self, key: str, f: dict[str, bytes], rng: random.Random) -> dict[str, torch.Tensor]:
+        import hashlib
+
+        from PIL import Image
+
+        missing = [k for k in ("url.txt", "syn.json", "paug.json", "npz", "json") if k not in f]
+        if missing:
+            raise ValueError(f"DataCompDR sample {key} lacks {missing}")
+        meta = json.loads(f["json"])
+        url = f["url.txt"].decode()
+        raw, caption = self.store.get(key, meta.get("uid"), url)
+        if self.verify and meta.get("sha256") and hashlib.sha256(raw).hexdigest() != meta["sha256"]:
+            raise ValueError(f"DataCompDR sample {key}: the image's sha256 differs from the json's {meta['sha256']} "
+                             f"(another or re-encoded image from {url!r}); its stored crops and embeddings would not match")
+        caption = caption if caption is not None else meta.get("caption")
+        if caption is None:
+            raise ValueError(f"no ground-truth caption for DataCompDR sample {key}: DataCompDR stores only its "
+                             "embedding; download with img2dataset --caption_col (writes KEY.txt) or add 'caption' "
+                             "to the json")
+        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(255)
+        paug = json.loads(f["paug.json"])["param_aug"]
+        paug = json.loads(paug) if isinstance(paug, str) else paug
+        npz = np.load(io.BytesIO(f["npz"]))
+        syn = json.loads(f["syn.json"])["syn_text"]
+        a, j = rng.randrange(len(paug)), rng.randrange(len(syn))
+        (t, l, h, w), _ = decode_augmentation(paug[a])
+        if t < 0 or l < 0 or h <= 0 or w <= 0 or t + h > x.shape[1] or l + w > x.shape[2]:
+            raise ValueError(f"DataCompDR sample {key}: stored crop box [top {t}, left {l}, height {h}, width {w}] "
+                             f"does not fit its image of {x.shape[1]}x{x.shape[2]}: the store holds a resized "
+                             "copy; download the images at their original size (img2dataset --resize_mode no)")
+        view = replay_augmentation(x, paug[a], self.size, self.interpolation)
+        return {"image": (view - self.mean) / self.std, "text": self.tok(caption.strip())[0],
+                "syn_text": self.tok(syn[j])[0],
+                "image_emb": torch.from_numpy(npz["image_emb"][a].astype(np.float32)),
+                "text_emb": torch.from_numpy(npz["text_emb"][0].astype(np.float32)),
+                "syn_text_emb": torch.from_numpy(npz["text_emb"][1 + j].astype(np.float32))}
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(hash((self.seed, self.epoch, info.id if info else 0)))
+        buf: list[dict[str, torch.Tensor]] = []
+        for path in self._my_shards():
+            for key, fields in iter_tar_samples(path):
+                buf.append(self.decode(key, fields, rng))
+                if len(buf) >= self.buffer:
+                    yield buf.pop(rng.randrange(len(buf)))
+        rng.shuffle(buf)
+        yield from buf
+
+
+class DataCompDRDataModule(L.LightningDataModule):
+    """Training on DataCompDR-12M / -1B shards (HF ``apple/DataCompDR-12M``) with the images joined from a separate
+    store (see :class:`ImageStore`, data/README.md); zero-shot validation on an ImageFolder (``zero_shot_root``, e.g.
+    ImageNet val with OpenAI's names and templates), as the paper's ``--imagenet-val``.
+
+    Args:
+        shards: folder, glob or list of DataCompDR tars. images / join / url_mirror: the image store.
+        zero_shot_root / zero_shot_split / zero_shot_classnames / zero_shot_templates: as
+            :class:`ZeroShotImageFolderDataModule` (``root``, ``split``, ``classnames``, ``templates``).
+        image_size: default the model's input size; interpolation: the stored crops' resize (DataCompDR: bicubic).
+        verify_sha256: check each image against the json's sha256 (a different image would not match its crops).
+    """
+
+    def __init__(self, shards: str | list[str], images: str | None = None, join: str = "key",
+                 url_mirror: str | None = None, model_name: str = "mobileclip_b", image_size: int | None = None,
+                 interpolation: str = "bicubic", batch_size: int = 256, num_workers: int = 4, seed: int = 0,
+                 context_length: int = 77, shuffle_buffer: int = 1000, verify_sha256: bool = False,
+                 zero_shot_root: str | None = None, zero_shot_split: str = "val", zero_shot_classnames: Any = "imagenet",
+                 zero_shot_templates: Any = "openai", eval_batch_size: int = 64):
+        super().__init__()
+        self.save_hyperparameters()
+        self.classnames: list[str] | None = None
+        self.templates: list[str] | None = None
+        self.zero_shot: ZeroShotImageFolderDataModule | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        import zoo
+
+        hp = self.hparams
+        cfg = zoo.registry.resolve_cfg(hp.model_name)[2]
+        tok = functools.partial(zoo.get_tokenizer(hp.model_name), context_length=hp.context_length)
+        store = ImageStore(hp.images, hp.join, hp.url_mirror)
+        self.train_set = DataCompDRDataset(hp.shards, store, tok, hp.image_size or cfg.input_size[-1], cfg.mean,
+                                           cfg.std, hp.interpolation, hp.seed, hp.shuffle_buffer, hp.verify_sha256)
+        if hp.zero_shot_root:
+            self.zero_shot = ZeroShotImageFolderDataModule(hp.zero_shot_root, hp.model_name, hp.zero_shot_split,
+                                                           hp.zero_shot_classnames, hp.zero_shot_templates,
+                                                           hp.eval_batch_size,
+                                                           hp.num_workers)
+            self.zero_shot.setup(stage)
+            self.classnames, self.templates = self.zero_shot.classnames, self.zero_shot.templates
+
+    def train_dataloader(self):
+        self.train_set.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          drop_last=True, persistent_workers=False)
+
+    def val_dataloader(self):
+        return self.zero_shot.val_dataloader() if self.zero_shot is not None else []
+
+    def test_dataloader(self):
+        return self.zero_shot.test_dataloader() if self.zero_shot is not None else []
+
+
+def write_datacompdr_toy(out_dir: str | os.PathLike, n: int = 8, *, shard_size: int = 4, num_augs: int = 3,
+                         emb_dim: int = 8, teachers: int = 2, image_hw: tuple[int, int] = (40, 48), seed: int = 0,
+                         store: str = "tar") -> tuple[Path, Path]:
+    """A tiny dataset in the real DataCompDR-12M layout, for tests and for trying the pipeline: ``out/shards/*.tar``
+    with ``url.txt``, ``syn.json``, ``paug.json`` (``param_aug`` as a JSON string of DataCompDR's compressed
+    crop + RandAugment form), ``npz`` (random fp16 "teacher" embeddings), ``json`` (``uid``, ``sha256``) and NO image;
+    and ``out/images``: an img2dataset-style store (``store="tar"``: one ``00000.tar``; ``"files"``: a folder; or
+    ``"mirror"``: ``host/path`` files as a url mirror) of random JPEGs with ``KEY.txt`` captions and ``KEY.json``
+    (``url``, ``key``, ``uid``). Returns (shards folder, image store folder)."""
+    import hashlib
+
+    from PIL import Image
+
+    rng, g = random.Random(seed), np.random.default_rng(seed)
+    out = Path(out_dir)
+    shards, images = out / "shards", out / "images"
+    shards.mkdir(parents=True)
+    images.mkdir(parents=True)
+    h, w = image_hw
+    store_tar = tarfile.open(images / "00000.tar", "w") if store == "tar" else None
+    for start in range(0, n, shard_size):
+        with tarfile.open(shards / f"{start // shard_size:08d}.tar", "w") as tar:
+            for i in range(start, min(start + shard_size, n)):
+                key, uid, url = f"{i:09d}", f"{g.integers(1 << 62):032x}", f"https://img{i % 3}.example.com/p/{i}.jpg"
+                buf = io.BytesIO()
+                Image.fromarray(g.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buf, "JPEG")
+                jpg = buf.getvalue()
+                paug = [[random_crop_params(h, w, rng, scale=(0.3, 1.0)), random_rand_augment(rng, 16)]
+                        for _ in range(num_augs)]
+                npz = io.BytesIO()
+                np.savez(npz, image_emb=g.standard_normal((num_augs, teachers * emb_dim)).astype(np.float16),
+                         text_emb=g.standard_normal((6, teachers * emb_dim)).astype(np.float16))
+                _add(tar, f"{key}.url.txt", url.encode())
+                _add(tar, f"{key}.syn.json", json.dumps({"syn_text": [f"synthetic caption {s} of {i}"
+                                                                      for s in range(5)]}).encode())
+                _add(tar, f"{key}.paug.json", json.dumps({"param_aug": json.dumps(paug)}).encode())
+                _add(tar, f"{key}.npz", npz.getvalue())
+                _add(tar, f"{key}.json", json.dumps({"uid": uid, "sha256": hashlib.sha256(jpg).hexdigest()}).encode())
+                caption = f"a photo of random noise number {i}".encode()
+                meta = json.dumps({"url": url, "key": key, "uid": uid, "caption": caption.decode()}).encode()
+                if store_tar is not None:
+                    for field, data in (("jpg", jpg), ("txt", caption), ("json", meta)):
+                        _add(store_tar, f"{key}.{field}", data)
+                elif store == "files":
+                    d = images / f"{start // shard_size:05d}"
+                    d.mkdir(exist_ok=True)
+                    for field, data in (("jpg", jpg), ("txt", caption), ("json", meta)):
+                        (d / f"{key}.{field}").write_bytes(data)
+                elif store == "mirror":
+                    p = images / f"img{i % 3}.example.com" / "p" / f"{i}.jpg"
+                    p.parent.mkdir(parents=True, exist_ok=True)
+                    p.write_bytes(jpg)
+                    p.with_suffix(".txt").write_bytes(caption)
+                else:
+                    raise ValueError(f"store={store!r}: expected 'tar', 'files' or 'mirror'")
+    if store_tar is not None:
+        store_tar.close()
+    return shards, images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
