@@ -190,25 +190,3 @@ def test_zoo_generate_prints_llama_cpp_style_timings_and_eager_gives_the_same_te
         assert "prefill: " in cap.err and "decode:  15 tokens" in cap.err and "tokens/s" in cap.err
         assert ("eager path" if extra else "fast path") in cap.err
     assert outs[0] == outs[1] and outs[0].startswith("def f(")
-
-
-def test_fp32_single_row_kernel_matches_the_stock_product(monkeypatch):
-    from zoo.language import hybrid
-
-    if hybrid._f32_gemv() is None:
-        pytest.skip("no AVX512 kernel on this CPU / no C compiler: F.linear runs (covered by the tests above)")
-    g = torch.Generator().manual_seed(0)
-    for n, k in ((7, 48), (258, 64), (1000, 1040)):  # row tails, one 16-wide tail after the 32-wide loop
-        w, x, b = torch.randn(n, k, generator=g), torch.randn(1, 1, k, generator=g), torch.randn(n, generator=g)
-        with torch.no_grad():
-            torch.testing.assert_close(hybrid.linear(x, w, b), torch.nn.functional.linear(x, w, b),
-                                       rtol=1e-5, atol=1e-5 * k ** 0.5)
-    calls = []
-    fast = hybrid._gemv_state["fn32"]
-    monkeypatch.setitem(hybrid._gemv_state, "fn32", lambda *a: (calls.append(a[3]), fast(*a))[1])
-    with torch.no_grad():  # autograd-free single-row products only
-        hybrid.linear(torch.randn(1, 64), torch.randn(8, 64))
-        hybrid.linear(torch.randn(2, 64), torch.randn(8, 64))
-        hybrid.linear(torch.randn(1, 64, requires_grad=True), torch.randn(8, 64))
-    hybrid.linear(torch.randn(1, 64, requires_grad=True), torch.randn(8, 64))
-    assert calls == [8, 8]

@@ -516,221 +516,15 @@ class ForwardContext:
         return self._memo[key]
 
 
-# ---------------------------------------------------------------------------------------------- bf16 decode kernel
-# Stock PyTorch CPU kernels read bf16 weights at well under half the memory bandwidth for a single row (batch-1
-# decoding), so bf16 would decode slower than fp32. This small AVX512-BF16 matrix-vector kernel (compiled with the
-# system C compiler on first use, loaded with ctypes, no torch headers) streams the weights at close to bandwidth.
-# It is used automatically for single-row bf16 products when the CPU has avx512_bf16; otherwise F.linear runs.
-# The same library holds an fp32 kernel for single-row fp32 products (decode at batch 1), which streamed weights
-# ~1.2x faster than the stock product in interleaved runs on this project's machine.
-
-_GEMV_C = r"""
-#include <immintrin.h>
-#include <pthread.h>
-#include <stdint.h>
-
-typedef struct { const uint16_t *w, *x; float *y; int64_t k, n0, n1; } job_t;
-
-static void rows(const uint16_t *w, const uint16_t *x, float *y, int64_t k, int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const uint16_t *r0 = w + n * k, *r1 = r0 + k, *r2 = r1 + k, *r3 = r2 + k;
-        for (int64_t j = 0; j < k; j += 32) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
-            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(r0 + j), xv);
-            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(r1 + j), xv);
-            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(r2 + j), xv);
-            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(r3 + j), xv);
-        }
-        y[n] = _mm512_reduce_add_ps(a0); y[n + 1] = _mm512_reduce_add_ps(a1);
-        y[n + 2] = _mm512_reduce_add_ps(a2); y[n + 3] = _mm512_reduce_add_ps(a3);
-    }
-    for (; n < n1; n++) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t j = 0; j < k; j += 32)
-            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w + n * k + j), (__m512bh)_mm512_loadu_si512(x + j));
-        y[n] = _mm512_reduce_add_ps(a);
-    }
-}
-
-static void *worker(void *p) { job_t *j = (job_t *)p; rows(j->w, j->x, j->y, j->k, j->n0, j->n1); return 0; }
-
-/* y[N] (fp32) = W[N, K] (bf16, row-major) @ x[K] (bf16); K % 32 == 0; split over `threads` threads. */
-void zoo_gemv_bf16(const uint16_t *w, const uint16_t *x, float *y, int64_t n, int64_t k, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    pthread_t tid[64];
-    job_t jobs[64];
-    int64_t chunk = ((n + threads - 1) / threads + 3) / 4 * 4;
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        int64_t a = t * chunk, b = a + chunk < n ? a + chunk : n;
-        if (a >= n) break;
-        jobs[t] = (job_t){w, x, y, k, a, b};
-        if (pthread_create(&tid[t], 0, worker, &jobs[t]) == 0) started = t; else { rows(w, x, y, k, a, b); }
-    }
-    rows(w, x, y, k, 0, chunk < n ? chunk : n);
-    for (int t = 1; t <= started; t++) pthread_join(tid[t], 0);
-}
-
-/* fp32: y[N] = W[N, K] @ x[K], K % 16 == 0; four rows at a time, two accumulators per row. */
-typedef struct { const float *w, *x; float *y; int64_t k, n0, n1; } job32_t;
-
-static void rows32(const float *w, const float *x, float *y, int64_t k, int64_t n0, int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4) {
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-        const float *r0 = w + n * k, *r1 = r0 + k, *r2 = r1 + k, *r3 = r2 + k;
-        int64_t j = 0;
-        for (; j + 32 <= k; j += 32) {
-            __m512 x0 = _mm512_loadu_ps(x + j), x1 = _mm512_loadu_ps(x + j + 16);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + j), x0, a0); b0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + j + 16), x1, b0);
-            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + j), x0, a1); b1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + j + 16), x1, b1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + j), x0, a2); b2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + j + 16), x1, b2);
-            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + j), x0, a3); b3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + j + 16), x1, b3);
-        }
-        for (; j < k; j += 16) {
-            __m512 x0 = _mm512_loadu_ps(x + j);
-            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r0 + j), x0, a0); a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r1 + j), x0, a1);
-            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r2 + j), x0, a2); a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r3 + j), x0, a3);
-        }
-        y[n] = _mm512_reduce_add_ps(_mm512_add_ps(a0, b0)); y[n + 1] = _mm512_reduce_add_ps(_mm512_add_ps(a1, b1));
-        y[n + 2] = _mm512_reduce_add_ps(_mm512_add_ps(a2, b2)); y[n + 3] = _mm512_reduce_add_ps(_mm512_add_ps(a3, b3));
-    }
-    for (; n < n1; n++) {
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t j = 0; j < k; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(w + n * k + j), _mm512_loadu_ps(x + j), a);
-        y[n] = _mm512_reduce_add_ps(a);
-    }
-}
-
-static void *worker32(void *p) { job32_t *j = (job32_t *)p; rows32(j->w, j->x, j->y, j->k, j->n0, j->n1); return 0; }
-
-void zoo_gemv_f32(const float *w, const float *x, float *y, int64_t n, int64_t k, int threads) {
-    if (threads < 1) threads = 1;
-    if (threads > 64) threads = 64;
-    pthread_t tid[64];
-    job32_t jobs[64];
-    int64_t chunk = ((n + threads - 1) / threads + 3) / 4 * 4;
-    int started = 0;
-    for (int t = 1; t < threads; t++) {
-        int64_t a = t * chunk, b = a + chunk < n ? a + chunk : n;
-        if (a >= n) break;
-        jobs[t] = (job32_t){w, x, y, k, a, b};
-        if (pthread_create(&tid[t], 0, worker32, &jobs[t]) == 0) started = t; else { rows32(w, x, y, k, a, b); }
-    }
-    rows32(w, x, y, k, 0, chunk < n ? chunk : n);
-    for (int t = 1; t <= started; t++) pthread_join(tid[t], 0);
-}
-"""
-
-_gemv_state: dict[str, Any] = {}
-
-
-def _bf16_gemv():
-    """The compiled kernel (a ctypes function) or None when unavailable (not x86 / no avx512_bf16 / no compiler)."""
-    if "fn" in _gemv_state:
-        return _gemv_state["fn"]
-    _gemv_state["fn"] = None
-    if os.environ.get("ZOO_DISABLE_BF16_GEMV"):
-        return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        if "avx512_bf16" not in flags or "avx512bw" not in flags:
-            return None
-        import ctypes
-        import hashlib
-        import shutil
-        import subprocess
-        import tempfile
-
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-        if cc is None:
-            return None
-        from zoo.checkpoints import zoo_home
-
-        key = hashlib.sha256(_GEMV_C.encode()).hexdigest()[:16]
-        so = zoo_home() / "kernels" / f"gemv_bf16_{key}.so"
-        if not so.exists():
-            so.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory() as d:
-                src = os.path.join(d, "gemv.c")
-                with open(src, "w") as f:
-                    f.write(_GEMV_C)
-                tmp = os.path.join(d, "gemv.so")
-                subprocess.run([cc, "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma",
-                                "-shared", "-fPIC", "-pthread", src, "-o", tmp], check=True, capture_output=True)
-                shutil.move(tmp, so.with_suffix(".part"))
-                os.replace(so.with_suffix(".part"), so)
-        lib = ctypes.CDLL(str(so))
-        for key, name in (("fn32", "zoo_gemv_f32"), ("fn", "zoo_gemv_bf16")):
-            fn = getattr(lib, name)
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int]
-            fn.restype = None
-            _gemv_state[key] = fn
-    except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
-        _gemv_state["fn"] = None
-    return _gemv_state["fn"]
-
-
-def _f32_gemv():
-    """The fp32 matrix-vector kernel built with the bf16 one (same CPUs), or None. On this project's Zen 4 VM it read
-    weights ~1.2x faster than PyTorch's stock single-row fp32 product (MKL); ``ZOO_DISABLE_F32_GEMV=1`` turns it off."""
-    if "fn32" not in _gemv_state:
-        _bf16_gemv()
-        _gemv_state.setdefault("fn32", None)
-        if os.environ.get("ZOO_DISABLE_F32_GEMV"):
-            _gemv_state["fn32"] = None
-    return _gemv_state["fn32"]
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with single-row fast paths for bf16 and fp32 (inference on CPU only)."""
-    if (
-        x.dtype is torch.float32
-        and weight.dtype is torch.float32
-        and x.device.type == "cpu"
-        and x.numel() == x.shape[-1]
-        and x.shape[-1] % 16 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and weight.is_contiguous()
-    ):
-        fn = _f32_gemv()
-        if fn is not None:
-            xv = x.reshape(-1).contiguous()
-            y = torch.empty(weight.shape[0], dtype=torch.float32)
-            fn(weight.data_ptr(), xv.data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1],
-               torch.get_num_threads())
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-    if (
-        x.dtype is torch.bfloat16
-        and weight.dtype is torch.bfloat16
-        and x.device.type == "cpu"
-        and x.numel() == x.shape[-1]
-        and x.shape[-1] % 32 == 0
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-        and weight.is_contiguous()
-    ):
-        fn = _bf16_gemv()
-        if fn is not None:
-            xv = x.reshape(-1).contiguous()
-            y = torch.empty(weight.shape[0], dtype=torch.float32)
-            fn(weight.data_ptr(), xv.data_ptr(), y.data_ptr(), weight.shape[0], weight.shape[1],
-               torch.get_num_threads())
-            y = y.to(torch.bfloat16)
-            if bias is not None:
-                y = y + bias
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-    return F.linear(x, weight, bias)
+# ---------------------------------------------------------------------------------------------- decode kernels
+# Batch-1 decoding is a chain of matrix-vector products; zoo.layers.gemv streams them at memory bandwidth (fp32,
+# bf16, int8 weight-only; compiled on first use, stock products otherwise). Rows are independent there, so packing
+# projections or splitting rows over threads never changes a result.
+from zoo.layers.gemv import int8_linear, linear  # noqa: E402
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and keys) whose single-row bf16 products use the fast CPU kernel."""
+    """``nn.Linear`` (same parameters and keys) whose single-row inference products use the streaming CPU kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
@@ -782,9 +576,7 @@ class _PackedProjection:
     def __call__(self, x: torch.Tensor, parts) -> tuple[torch.Tensor, ...]:
         w, extra = self.tensors(parts)
         if self.int8:
-            shape = x.shape
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), w, extra.to(x.dtype))
-            y = y.reshape(*shape[:-1], y.shape[-1])
+            y = int8_linear(x, w, _scale_in(parts[0], extra, x.dtype))
         else:
             y = linear(x, w, extra)
         return y.split(self.sizes, dim=-1)
@@ -1715,8 +1507,20 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
 
 
+def _scale_in(owner: nn.Module, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale.to(dtype)`` (what the int8 kernels take), kept on ``owner`` until the scale tensor changes."""
+    if scale.dtype is dtype:
+        return scale
+    key = (scale.data_ptr(), scale._version, scale.shape[0], dtype)
+    memo = owner.__dict__.get("_zoo_scale")
+    if memo is None or memo[0] != key:
+        memo = owner.__dict__["_zoo_scale"] = (key, scale.to(dtype))
+    return memo[1]
+
+
 class Int8Linear(nn.Module):
-    """Weight-only int8 linear layer (per-output-channel scales) on PyTorch's ``_weight_int8pack_mm`` CPU kernel.
+    """Weight-only int8 linear layer (per-output-channel scales): single rows on the streaming kernel of
+    :mod:`zoo.layers.gemv`, larger inputs on PyTorch's ``_weight_int8pack_mm``.
 
     Activations stay in their floating dtype (bf16 is the fast path of that kernel on CPU)."""
 
@@ -1729,9 +1533,7 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.qweight, self.scale.to(x.dtype))
-        y = y.reshape(*shape[:-1], self.out_features)
+        y = int8_linear(x, self.qweight, _scale_in(self, self.scale, x.dtype))
         return y + self.bias if self.bias is not None else y
 
 
@@ -1750,9 +1552,7 @@ class Int8Embedding(nn.Module):
         return self.qweight[ids].to(self.dtype) * self.scale[ids, None].to(self.dtype)
 
     def as_head(self, h: torch.Tensor) -> torch.Tensor:
-        shape = h.shape
-        y = torch.ops.aten._weight_int8pack_mm(h.reshape(-1, shape[-1]), self.qweight, self.scale.to(h.dtype))
-        return y.reshape(*shape[:-1], -1)
+        return int8_linear(h, self.qweight, _scale_in(self, self.scale, h.dtype))
 
 
 @torch.no_grad()

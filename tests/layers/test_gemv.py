@@ -1,0 +1,120 @@
+"""The single-row CPU kernels of zoo.layers.gemv (batch-1 decoding): they compute the stock products' math, rows
+independently of thread count and packing, only where they apply, and everything still runs without them.
+
+Documented tolerances (fp32 sums in another order than the stock kernels; products are exact in every path):
+fp32 |d| <= 1e-5 * sqrt(K) * max|w||x| scale; bf16 output within 1 bf16 rounding (rel 2^-8) of the fp32 product of the
+same bf16 inputs; int8 within 1e-5 relative (fp32 activations) / one bf16 rounding (bf16 activations) of
+``x @ (q * scale).T`` computed in fp64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.layers import gemv
+
+SHAPES = ((1, 1), (7, 5), (33, 17), (258, 64), (130, 1040), (3, 4097), (520, 300))  # tails of 1..15, 16-wide, 64-wide
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not gemv.kernels_available():
+        pytest.skip("no AVX512F/BW/VL or no C compiler here: the stock products run (test_fallback_* covers them)")
+    n = torch.get_num_threads()
+    yield gemv._state["fn"]
+    torch.set_num_threads(n)
+
+
+def _ref(x, w, scale=None):
+    y = x.double() @ w.double().T
+    return y if scale is None else y * scale.double()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernels_match_the_stock_math_on_odd_shapes(kernel, threads):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(threads)
+    with torch.inference_mode():
+        for n, k in SHAPES:
+            w, x = torch.randn(n, k, generator=g), torch.randn(1, 1, k, generator=g)
+            y = gemv.linear(x, w)
+            assert y.shape == (1, 1, n) and y.dtype == torch.float32
+            assert (y.double() - _ref(x, w)).abs().max() <= 1e-5 * k ** 0.5
+            torch.testing.assert_close(gemv.linear(x, w, torch.ones(n)), F.linear(x, w, torch.ones(n)),
+                                       rtol=1e-5, atol=1e-5 * k ** 0.5)
+            wb, xb = w.bfloat16(), x.bfloat16()
+            yb = gemv.linear(xb, wb)
+            want = _ref(xb, wb)
+            assert yb.dtype == torch.bfloat16
+            assert ((yb.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-6 * k ** 0.5).all()
+            q = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+            s = torch.rand(n, generator=g) / 127 + 1e-3
+            want = _ref(x, q, s)
+            assert ((gemv.int8_linear(x, q, s).double() - want).abs() <= 1e-5 * want.abs().max() + 1e-6).all()
+            sb = s.bfloat16()
+            want = _ref(xb, q, sb)
+            got = gemv.int8_linear(xb, q, sb)
+            assert got.dtype == torch.bfloat16
+            assert ((got.double() - want).abs() <= want.abs() * 2 ** -8 + 1e-5 * want.abs().max()).all()
+
+
+def test_rows_do_not_depend_on_threads_or_on_the_rows_around_them(kernel):
+    """What makes packed projections and multi-threaded decoding exact: row r of a product is the same bits alone,
+    inside a bigger (packed) matrix, and at 1 or 2 threads."""
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(600, 1024, generator=g), torch.randn(1, 1024, generator=g)  # 2.4 MB: split at 2 threads
+    q = torch.randint(-127, 128, (600, 1024), dtype=torch.int8, generator=g)
+    s = torch.rand(600, generator=g).bfloat16()
+    outs = []
+    with torch.inference_mode():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append((gemv.linear(x, w), gemv.linear(x.bfloat16(), w.bfloat16()),
+                         gemv.int8_linear(x.bfloat16(), q, s)))
+        alone = (gemv.linear(x, w[100:103].contiguous()), gemv.int8_linear(x.bfloat16(), q[100:103].contiguous(),
+                                                                             s[100:103].contiguous()))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+    assert torch.equal(alone[0][0], outs[0][0][0, 100:103]) and torch.equal(alone[1][0], outs[0][2][0, 100:103])
+
+
+def test_only_single_row_inference_products_use_the_kernel(kernel, monkeypatch):
+    calls = []
+    monkeypatch.setitem(gemv._state, "fn", lambda *a: (calls.append((a[0], a[8])), kernel(*a))[1])
+    with torch.no_grad():
+        gemv.linear(torch.randn(1, 64), torch.randn(8, 64))
+        gemv.linear(torch.randn(2, 64), torch.randn(8, 64))  # a batch: stock GEMM
+        gemv.linear(torch.randn(1, 64, requires_grad=True), torch.randn(8, 64))  # no grad mode: still the kernel
+    with pytest.raises(RuntimeError):  # mixed dtypes: the stock product (and its error)
+        gemv.linear(torch.randn(1, 64).bfloat16(), torch.randn(8, 64))
+    gemv.linear(torch.randn(1, 64, requires_grad=True), torch.randn(8, 64))  # autograd records: stock
+    gemv.int8_linear(torch.randn(1, 64).bfloat16(), torch.ones(8, 64, dtype=torch.int8), torch.ones(8).bfloat16())
+    assert calls == [(0, 8), (0, 8), (2, 8)]
+
+
+def test_fallback_without_a_compiler_or_when_switched_off(tmp_path, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(40, 96, generator=g), torch.randn(1, 96, generator=g)
+    q = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    s = torch.rand(40, generator=g).bfloat16()
+    try:
+        monkeypatch.setenv("ZOO_HOME", str(tmp_path))  # no cached build
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+        gemv.reset()
+        assert not gemv.kernels_available()
+        with torch.inference_mode():
+            assert torch.equal(gemv.linear(x, w), F.linear(x, w))
+            assert torch.equal(gemv.int8_linear(x.bfloat16(), q, s),
+                               torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s))
+        assert not list(tmp_path.iterdir())  # nothing half-built left behind
+        monkeypatch.undo()
+        monkeypatch.setenv("ZOO_DISABLE_INT8_GEMV", "1")
+        gemv.reset()
+        if gemv.kernels_available():  # the switch turns off int8 only
+            with torch.inference_mode():
+                assert torch.equal(gemv.int8_linear(x.bfloat16(), q, s),
+                                   torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s))
+            assert gemv._state["off"] == {2}
+    finally:
+        monkeypatch.undo()
+        gemv.reset()
