@@ -202,6 +202,10 @@ def test_datacompdr12m_layout_joins_images_from_a_separate_store(tmp_path):
     first.unlink()
     with pytest.raises(FileNotFoundError, match=r"sample 000000004 .*uid"):
         list(cd.DataCompDRDataset(tmp_path / "files" / "shards", cd.ImageStore(tmp_path / "files" / "images", join="uid"), tok, 24))
+    with pytest.warns(UserWarning, match="1 DataCompDR sample.* skipped .*000000004"):
+        kept = list(cd.DataCompDRDataset(tmp_path / "files" / "shards", cd.ImageStore(tmp_path / "files" / "images",
+                                                                                     join="uid"), tok, 24, on_missing="skip"))
+    assert len(kept) == 5
     (tmp_path / "mirror" / "images" / "img1.example.com" / "p" / "1.jpg").unlink()
     with pytest.raises(FileNotFoundError, match=r"sample 000000001: its url 'https://img1.example.com/p/1.jpg'"):
         list(cd.DataCompDRDataset(tmp_path / "mirror" / "shards", cd.ImageStore(url_mirror=tmp_path / "mirror" / "images"), tok, 24))

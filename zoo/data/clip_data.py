@@ -590,12 +590,17 @@ class DataCompDRDataset(torch.utils.data.IterableDataset):
     original image's pixels, ``interpolation`` resize, RandAugment ops), normalised with ``mean`` / ``std``; the
     ground-truth caption (the store's ``KEY.txt``, else a ``caption`` in the sample's json) and one random synthetic
     caption, tokenized; the teacher embeddings of that augmentation and of both captions. Shards are split over
-    distributed ranks and DataLoader workers and shuffled per epoch (``set_epoch``) with a ``shuffle_buffer``."""
+    distributed ranks and DataLoader workers and shuffled per epoch (``set_epoch``) with a ``shuffle_buffer``.
+    ``on_missing="skip"`` passes over samples whose image is not in the store (DataComp urls rot), warning with the
+    first key and then with a count every 1,000; the default stops with the key."""
 
     def __init__(self, shards, store: ImageStore, tokenizer, image_size: int, mean=(0.0, 0.0, 0.0),
                  std=(1.0, 1.0, 1.0), interpolation: str = "bicubic", seed: int = 0, shuffle_buffer: int = 1000,
-                 verify_sha256: bool = False):
+                 verify_sha256: bool = False, on_missing: str = "error"):
         super().__init__()
+        if on_missing not in ("error", "skip"):
+            raise ValueError(f"on_missing={on_missing!r}: expected 'error' or 'skip'")
+        self.on_missing, self.skipped = on_missing, 0
         self.paths, self.store, self.tok, self.size = _shard_paths(shards), store, tokenizer, image_size
         self.mean, self.std = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
         self.interpolation, self.seed, self.buffer, self.verify = interpolation, seed, shuffle_buffer, verify_sha256
@@ -658,7 +663,18 @@ class DataCompDRDataset(torch.utils.data.IterableDataset):
         buf: list[dict[str, torch.Tensor]] = []
         for path in self._my_shards():
             for key, fields in iter_tar_samples(path):
-                buf.append(self.decode(key, fields, rng))
+                try:
+                    buf.append(self.decode(key, fields, rng))
+                except FileNotFoundError as e:
+                    if self.on_missing == "error":
+                        raise
+                    self.skipped += 1
+                    if self.skipped == 1 or self.skipped % 1000 == 0:
+                        import warnings
+
+                        warnings.warn(f"{self.skipped} DataCompDR sample(s) without an image skipped so far "
+                                      f"(this worker); latest: {e}", stacklevel=2)
+                    continue
                 if len(buf) >= self.buffer:
                     yield buf.pop(rng.randrange(len(buf)))
         rng.shuffle(buf)
@@ -676,12 +692,14 @@ class DataCompDRDataModule(L.LightningDataModule):
             :class:`ZeroShotImageFolderDataModule` (``root``, ``split``, ``classnames``, ``templates``).
         image_size: default the model's input size; interpolation: the stored crops' resize (DataCompDR: bicubic).
         verify_sha256: check each image against the json's sha256 (a different image would not match its crops).
+        on_missing: ``"error"`` (stop at a sample without an image, naming it) or ``"skip"`` (warned, counted).
     """
 
     def __init__(self, shards: str | list[str], images: str | None = None, join: str = "key",
                  url_mirror: str | None = None, model_name: str = "mobileclip_b", image_size: int | None = None,
                  interpolation: str = "bicubic", batch_size: int = 256, num_workers: int = 4, seed: int = 0,
                  context_length: int = 77, shuffle_buffer: int = 1000, verify_sha256: bool = False,
+                 on_missing: str = "error",
                  zero_shot_root: str | None = None, zero_shot_split: str = "val", zero_shot_classnames: Any = "imagenet",
                  zero_shot_templates: Any = "openai", eval_batch_size: int = 64):
         super().__init__()
@@ -698,7 +716,8 @@ class DataCompDRDataModule(L.LightningDataModule):
         tok = functools.partial(zoo.get_tokenizer(hp.model_name), context_length=hp.context_length)
         store = ImageStore(hp.images, hp.join, hp.url_mirror)
         self.train_set = DataCompDRDataset(hp.shards, store, tok, hp.image_size or cfg.input_size[-1], cfg.mean,
-                                           cfg.std, hp.interpolation, hp.seed, hp.shuffle_buffer, hp.verify_sha256)
+                                           cfg.std, hp.interpolation, hp.seed, hp.shuffle_buffer, hp.verify_sha256,
+                                           hp.on_missing)
         if hp.zero_shot_root:
             self.zero_shot = ZeroShotImageFolderDataModule(hp.zero_shot_root, hp.model_name, hp.zero_shot_split,
                                                            hp.zero_shot_classnames, hp.zero_shot_templates,
