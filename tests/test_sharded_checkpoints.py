@@ -127,3 +127,14 @@ def test_pretrained_sharded_nemotron_flash_from_the_hub(server, hf_endpoint, tmp
         conv.load_state_dict({k: v.float() for k, v in checkpoint_filter_fn(release, conv).items()})
         torch.testing.assert_close(m(ids), conv(ids))
     assert not [p for p in _files(tmp_path) if p.name.endswith((".part", ".pending"))]
+    # timm's pretrained_cfg_overlay naming only the repository: like transformers, a repository without
+    # model.safetensors is read through its index (from the cache now: no shard is fetched again)
+    n0 = len(server.requests)
+    m2 = zoo.create_model("nemotron_flash_3b", pretrained=True, cache_dir=tmp_path,
+                          pretrained_cfg_overlay=dict(hf_hub_id="zoo-test/flash-sharded"), **TINY).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m2(ids), conv(ids))
+    assert not any(SHARDS[0] in r or SHARDS[1] in r for r in server.requests[n0:])
+    # a repository with neither file says so
+    with pytest.raises(CheckpointError, match="zoo-test/no-such-file has neither model.safetensors nor model.safe"):
+        download(CheckpointSource(hf_hub_id="zoo-test/no-such-file"), cache_dir=tmp_path / "x", progress=False)

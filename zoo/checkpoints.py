@@ -340,12 +340,41 @@ def download(source: CheckpointSource, cache_dir: str | os.PathLike | None = Non
             log.warning("cached %s does not match its hash; downloading again", dest)
             dest.unlink()
     if source.hf_hub_id:
-        path = _hub_download(source, cache_dir, dest)
+        try:
+            path = _hub_download(source, cache_dir, dest)
+        except CheckpointError as e:
+            # like transformers: a repository named without a file that has no model.safetensors may be sharded
+            if source.hf_filename is None and _entry_not_found(e):
+                log.info("%s has no model.safetensors; fetching its shard index instead", source.hf_hub_id)
+                import dataclasses
+
+                try:
+                    return download(dataclasses.replace(source, hf_filename="model.safetensors.index.json"),
+                                    cache_dir, progress)
+                except CheckpointError as e2:
+                    if not _entry_not_found(e2):
+                        raise
+                    raise CheckpointError(f"{source.hf_hub_id} has neither model.safetensors nor "
+                                          f"model.safetensors.index.json: {e}") from e2
+            raise
         _verify(path, source)
         return path
     _check_online(source, dest)
     _download_url(source.url, dest, source, progress)
     return dest
+
+
+def _entry_not_found(e: BaseException) -> bool:
+    """Whether the hub answered that the file does not exist (not: offline, unreachable, gated, ...)."""
+    try:
+        from huggingface_hub.errors import EntryNotFoundError
+    except ImportError:  # an old huggingface_hub
+        from huggingface_hub.utils import EntryNotFoundError
+    while e is not None:
+        if isinstance(e, EntryNotFoundError):
+            return True
+        e = e.__cause__
+    return False
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
