@@ -8,6 +8,8 @@ Sharded checkpoints (Hugging Face ``model.safetensors.index.json`` + ``model-000
 whose file is an ``*.index.json`` fetches the index and every shard its ``weight_map`` names into one folder (each
 shard through the same temporary-file / hash / rename rules; a URL index is placed last, so a cache folder with an index
 always has every shard), and :func:`load_file` on the index reads exactly the tensors it maps, naming any missing shard.
+A hub source that names only the repository falls back to the index when the repository has no ``model.safetensors``,
+as ``transformers`` does.
 
 Offline: with ``HF_HUB_OFFLINE=1`` (or ``ZOO_OFFLINE=1``), or when the server cannot be reached within
 ``ZOO_CONNECT_TIMEOUT`` seconds (default 5), nothing is retried: the error names the file, its URL and the exact path
