@@ -40,6 +40,23 @@ def test_losses_match_open_clip():
     assert two.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_local_losses_against_gathered_features_average_to_the_global_batch_loss():
+    # open_clip's --local-loss --gather-with-grad (CLIPTask(gather_features=True) under DDP): each of 2 "ranks" scores
+    # its 4 rows against all 8; the mean over ranks is the loss of the global batch of 8
+    g = torch.Generator().manual_seed(1)
+    img, txt, t_img, t_txt = (F.normalize(torch.randn(8, 12, generator=g), dim=-1) for _ in range(4))
+    scale = torch.tensor(15.0)
+    halves = [slice(0, 4), slice(4, 8)]
+    local = [clip_loss(img[h], txt[h], scale, img, txt, offset=h.start) for h in halves]
+    assert (sum(local) / 2).item() == pytest.approx(clip_loss(img, txt, scale).item(), rel=1e-6)
+    local = [distill_loss(img[h], txt[h], scale, t_img[h], t_txt[h], [100.0, 50.0], img, txt, t_img, t_txt)
+             for h in halves]
+    want = distill_loss(img, txt, scale, t_img, t_txt, [100.0, 50.0])
+    assert (sum(local) / 2).item() == pytest.approx(want.item(), rel=1e-6)
+    rank_only = distill_loss(img[:4], txt[:4], scale, t_img[:4], t_txt[:4], [100.0, 50.0])
+    assert rank_only.item() != pytest.approx(local[0].item())  # the gathered batch changes rank 0's loss
+
+
 def test_retrieval_recall():
     img = torch.eye(4)
     txt = torch.eye(4)[[0, 1, 3, 2]]  # pairs 2 and 3 swapped

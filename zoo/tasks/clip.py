@@ -20,28 +20,40 @@ import torch
 import torch.nn.functional as F
 
 
-def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over normalised features: ``(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2``."""
-    logits = scale * img @ txt.t()
-    target = torch.arange(img.shape[0], device=img.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, img_all: torch.Tensor | None = None,
+              txt_all: torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """Symmetric InfoNCE over normalised features: ``(CE(s I T^T, diag) + CE(s T I^T, diag)) / 2``.
+
+    With ``img_all`` / ``txt_all`` (every rank's features, gathered with their gradients) this rank's rows are scored
+    against the whole global batch, targets shifted by ``offset`` (this rank's first index): open_clip's
+    ``--local-loss --gather-with-grad``, whose mean over ranks equals the loss of the global batch."""
+    img_all = img if img_all is None else img_all
+    txt_all = txt if txt_all is None else txt_all
+    target = torch.arange(img.shape[0], device=img.device) + offset
+    return 0.5 * (F.cross_entropy(scale * img @ txt_all.t(), target) + F.cross_entropy(scale * txt @ img_all.t(), target))
 
 
 def distill_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, t_img: torch.Tensor, t_txt: torch.Tensor,
-                 teacher_scales: Sequence[float]) -> torch.Tensor:
+                 teacher_scales: Sequence[float], img_all: torch.Tensor | None = None,
+                 txt_all: torch.Tensor | None = None, t_img_all: torch.Tensor | None = None,
+                 t_txt_all: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of the student's logits against the teacher ensemble's targets, both directions, row mean.
 
     ``t_img`` / ``t_txt`` are the teachers' embeddings concatenated along the last axis (DataCompDR stores 2 x 768);
     teacher ``k`` uses the ``k``-th chunk, normalised, with logit scale ``teacher_scales[k]``; the targets are the mean
-    of the teachers' softmaxes (``--distill-average-after-softmax``)."""
+    of the teachers' softmaxes (``--distill-average-after-softmax``). The ``*_all`` arguments (every rank's student
+    and teacher features) score this rank's rows against the global batch, as :func:`clip_loss`."""
     k = len(teacher_scales)
+    img_all, txt_all = (img if img_all is None else img_all), (txt if txt_all is None else txt_all)
+    t_img_all, t_txt_all = (t_img if t_img_all is None else t_img_all), (t_txt if t_txt_all is None else t_txt_all)
     p_i2t = p_t2i = 0.0
-    for ti, tt, tau in zip(t_img.chunk(k, -1), t_txt.chunk(k, -1), teacher_scales):
-        logits = tau * F.normalize(ti.float(), dim=-1) @ F.normalize(tt.float(), dim=-1).t()
-        p_i2t = p_i2t + logits.softmax(-1) / k
-        p_t2i = p_t2i + logits.t().softmax(-1) / k
-    s = scale * img @ txt.t()
-    return 0.5 * (-(p_i2t * s.log_softmax(-1)).sum(-1).mean() - (p_t2i * s.t().log_softmax(-1)).sum(-1).mean())
+    chunks = zip(t_img.chunk(k, -1), t_txt.chunk(k, -1), t_img_all.chunk(k, -1), t_txt_all.chunk(k, -1), teacher_scales)
+    for ti, tt, ti_all, tt_all, tau in chunks:
+        n = functools.partial(F.normalize, dim=-1)
+        p_i2t = p_i2t + (tau * n(ti.float()) @ n(tt_all.float()).t()).softmax(-1) / k
+        p_t2i = p_t2i + (tau * n(tt.float()) @ n(ti_all.float()).t()).softmax(-1) / k
+    s_i2t, s_t2i = scale * img @ txt_all.t(), scale * txt @ img_all.t()
+    return 0.5 * (-(p_i2t * s_i2t.log_softmax(-1)).sum(-1).mean() - (p_t2i * s_t2i.log_softmax(-1)).sum(-1).mean())
 
 
 def retrieval_recall(img: torch.Tensor, txt: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
@@ -66,13 +78,16 @@ class CLIPTask(L.LightningModule):
         classnames / templates: zero-shot classifier; default: the datamodule's ``classnames`` / ``templates``.
         lr, weight_decay, warmup_steps, betas: AdamW with linear warmup then cosine decay per step (the paper's recipe:
             lr 1e-3, wd 0.2, beta2 0.95, 1000 warmup steps).
+        gather_features: under DDP, score each rank's samples against every rank's (features gathered with their
+            gradients; open_clip's ``--local-loss --gather-with-grad``, the paper's setting), so the contrastive and
+            distillation batch is the global one. Off: each rank's own batch.
     """
 
     def __init__(self, model_name: str = "mobileclip_s0", model_args: dict[str, Any] | None = None,
                  distill_weight: float = 1.0, teacher_logit_scales: Sequence[float] = (100.0, 100.0),
                  classnames: Sequence[str] | None = None, templates: Sequence[str] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.2, warmup_steps: int = 1000, betas=(0.9, 0.95),
-                 min_lr: float = 0.0):
+                 min_lr: float = 0.0, gather_features: bool = False):
         super().__init__()
         if not 0.0 <= distill_weight <= 1.0:
             raise ValueError(f"distill_weight={distill_weight}: lambda must lie in [0, 1]")
@@ -89,16 +104,25 @@ class CLIPTask(L.LightningModule):
         return self.model(image, text)
 
     # training ---------------------------------------------------------------------------------------------
+    def _gather(self, x: torch.Tensor | None, grad: bool) -> torch.Tensor | None:
+        """Every rank's rows of ``x`` in rank order (with their gradients when ``grad``); None off DDP."""
+        if x is None or not self.hparams.gather_features or self.trainer.world_size == 1:
+            return None
+        return self.all_gather(x, sync_grads=grad).flatten(0, 1)
+
     def _pair_loss(self, img, txt, scale, t_img, t_txt) -> torch.Tensor:
         lam = self.hparams.distill_weight
         loss = 0.0
+        img_all, txt_all = self._gather(img, True), self._gather(txt, True)
+        offset = self.global_rank * img.shape[0] if img_all is not None else 0
         if lam < 1.0:
-            loss = loss + (1 - lam) * clip_loss(img, txt, scale)
+            loss = loss + (1 - lam) * clip_loss(img, txt, scale, img_all, txt_all, offset)
         if lam > 0.0:
             if t_img is None or t_txt is None:
                 raise ValueError("distill_weight > 0 needs teacher embeddings in the batch (image_emb / text_emb): "
                                  "train on reinforced shards (zoo.data.clip_data.ReinforcedDataModule)")
-            loss = loss + lam * distill_loss(img, txt, scale, t_img, t_txt, self.hparams.teacher_logit_scales)
+            loss = loss + lam * distill_loss(img, txt, scale, t_img, t_txt, self.hparams.teacher_logit_scales,
+                                             img_all, txt_all, self._gather(t_img, False), self._gather(t_txt, False))
         return loss
 
     def training_step(self, batch: dict, batch_idx: int):
