@@ -3,7 +3,7 @@ batched decode, the zoo's fast path vs its eager reference vs transformers' Lfm2
 one process, interleaved runs), for fp32, bf16 and int8 weight-only; writes benchmarks/results/lfm2_speed.json,
 from which MODEL_CARD.md's LFM2 speed tables are generated (`make model-card`).
 
-    python benchmarks/bench_lfm2.py --threads 2                     # LFM2-350M, contexts 64 and 2048 (minutes)
+    python benchmarks/bench_lfm2.py                                 # LFM2-350M, 1 and 2 threads, contexts 64 / 2048
     python benchmarks/bench_lfm2.py --tiny --json /tmp/x.json       # smoke run on a tiny config
     python benchmarks/bench_lfm2.py --rss                           # also the peak RSS of load + generate
 
@@ -20,6 +20,9 @@ Definitions
   [prefill-len x hidden] @ [hidden x ffn] products in that dtype (3 in every round; median, like the prefills).
 - batched decode: ``--batch-sizes`` rows of left-padded prompts of mixed lengths (half to all of the shortest
   context), decode tokens/s = rows / step time.
+- threads: the first ``--threads`` value runs every path (fast, eager, transformers, prefill, batches); further
+  values run the fast decode path again in the same rounds, each against a bandwidth bound measured with that many
+  threads; their "vs eager" / "vs transformers" ratios compare with the first value's runs.
 - eager = ``model.set_decode_path("eager")`` (every token through ``forward``); fast = the default (operators'
   ``step``, packed projections). Both compute the same tokens (tests/language/test_lm_speed.py).
 """
@@ -65,13 +68,16 @@ class Limits:
         self.buf = torch.ones(max_bytes // 4 + 1)
         self.mats = {dt: (torch.randn(m, hidden).to(dt), torch.randn(hidden, ffn).to(dt))
                      for dt in (torch.float32, torch.bfloat16)}
-        self.bw: list[float] = []
+        self.bw: list[float] = []  # every sample, in order
+        self.bw_by_threads: dict[int, list[float]] = {}
         self.gemm: dict[torch.dtype, list[float]] = {dt: [] for dt in self.mats}
         self.nbytes = max_bytes
 
     def sample_bw(self) -> None:
         part = self.buf[: self.nbytes // 4]
-        self.bw += [part.numel() * 4 / t for t in _times(part.sum)]
+        got = [part.numel() * 4 / t for t in _times(part.sum)]
+        self.bw += got
+        self.bw_by_threads.setdefault(torch.get_num_threads(), []).extend(got)
 
     def sample_gemm(self, dt: torch.dtype) -> None:
         a, b = self.mats[dt]
@@ -139,9 +145,13 @@ class HF:
         return self.m(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
 
 
-def decode_rounds(runners: dict, ids, steps: int, repeats: int, limits: Limits, mask=None) -> dict[str, float]:
+def decode_rounds(runners: dict, ids, steps: int, repeats: int, limits: Limits, mask=None,
+                  threads: dict[str, int] | None = None) -> dict[str, float]:
     """Median single-token step time of every runner (one prefill each, then rounds from copies of its cache;
-    a bandwidth sample before every round)."""
+    a bandwidth sample before every round, at every thread count in ``threads``: runner name -> threads, default
+    the current count)."""
+    main_threads = torch.get_num_threads()
+    threads = {k: (threads or {}).get(k, main_threads) for k in runners}
     start, by_model = {}, {}
     for name, r in runners.items():  # fast and eager share one model: one prefill (the same numbers either way)
         if id(r.m) not in by_model:
@@ -149,14 +159,19 @@ def decode_rounds(runners: dict, ids, steps: int, repeats: int, limits: Limits, 
         start[name] = by_model[id(r.m)]
     times: dict[str, list[float]] = {k: [] for k in runners}
     for rnd in range(repeats + 1):  # round 0 warms up
-        limits.sample_bw()
-        for name, r in runners.items():
-            tok, cache = start[name][0], copy.deepcopy(start[name][1])
-            for _ in range(steps):
-                t = time.perf_counter()
-                tok = r.step(tok, cache)
-                if rnd:
-                    times[name].append(time.perf_counter() - t)
+        for th in sorted(set(threads.values()), key=lambda t: t != main_threads):
+            torch.set_num_threads(th)
+            limits.sample_bw()
+            for name, r in runners.items():
+                if threads[name] != th:
+                    continue
+                tok, cache = start[name][0], copy.deepcopy(start[name][1])
+                for _ in range(steps):
+                    t = time.perf_counter()
+                    tok = r.step(tok, cache)
+                    if rnd:
+                        times[name].append(time.perf_counter() - t)
+    torch.set_num_threads(main_threads)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -238,7 +253,7 @@ def _rss(args, res: dict) -> None:
         zoo.create_model("lfm2_350m").save_pretrained(d)
         cfg = lf.hybrid_config_from_lfm2(json.loads((Path(d) / "config.json").read_text()))
         for mode in ("load_pretrained", "create_model"):
-            out = subprocess.run([sys.executable, __file__, "--_child", d, mode, "--threads", str(args.threads),
+            out = subprocess.run([sys.executable, __file__, "--_child", d, mode, "--threads", str(args.threads[0]),
                                   "--prefill-len", str(args.prefill_len), "--decode-steps", str(args.decode_steps)],
                                  capture_output=True, text=True, check=True)
             rss = json.loads(out.stdout.strip().splitlines()[-1])
@@ -253,7 +268,8 @@ def _rss(args, res: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="thread counts: the first runs every path, the others the fast decode path (see above)")
     ap.add_argument("--tiny", action="store_true", help="tiny config (smoke test of the script)")
     ap.add_argument("--contexts", type=int, nargs="+", default=[64, 2048], help="cache lengths for batch-1 decode")
     ap.add_argument("--prefill-len", type=int, default=512)
@@ -267,9 +283,9 @@ def main(argv=None) -> int:
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args._child:
-        _child_rss(args._child[0], args._child[1], args.prefill_len, args.decode_steps, args.threads)
+        _child_rss(args._child[0], args._child[1], args.prefill_len, args.decode_steps, args.threads[0])
         return 0
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[0])
     load_start = os.getloadavg()
     hf_version = None
     if not args.no_hf:
@@ -299,26 +315,32 @@ def main(argv=None) -> int:
         runners = {"fast": Ours(ours, "fast"), "eager": Ours(ours, "eager")}
         if ref is not None and dt_name == "fp32":
             runners["transformers"] = HF(ref)
+        extra = {f"fast@{t}": t for t in args.threads[1:]}  # the fast path again at more threads
         wb = weight_bytes(ours)
         res[f"{dt_name}_weight_bytes"] = wb
         for ctx in args.contexts:
             ids = torch.randint(10, vocab, (1, ctx), generator=gen)
-            bw0 = len(limits.bw)
             limits.nbytes = max(wb + kv_bytes(cfg, ctx + args.decode_steps // 2, act.itemsize), 64 << 20)
-            med = decode_rounds(runners, ids, args.decode_steps, args.repeats, limits)
-            bw = statistics.median(limits.bw[bw0:])
+            bw0 = {t: len(limits.bw_by_threads.get(t, [])) for t in args.threads}
+            med = decode_rounds({**runners, **{k: runners["fast"] for k in extra}}, ids, args.decode_steps,
+                                args.repeats, limits, threads=extra)
             bytes_tok = wb + kv_bytes(cfg, ctx + args.decode_steps // 2, act.itemsize)
-            bound = bw / bytes_tok
+            bws = {t: statistics.median(limits.bw_by_threads[t][bw0[t]:]) for t in args.threads}
             for name, s in med.items():
-                decode_rows.append([f"{'zoo ' + name if name != 'transformers' else 'transformers'}", dt_name, ctx,
+                th = extra.get(name, args.threads[0])
+                bound = bws[th] / bytes_tok
+                path = name.split("@")[0]
+                decode_rows.append([f"{'zoo ' + path if path != 'transformers' else 'transformers'}", dt_name, th, ctx,
                                     round(1 / s, 2), round(bound, 2), f"{100 / s / bound:.0f}%",
                                     f"x{med['eager'] / s:.2f}",
                                     f"x{med['transformers'] / s:.2f}" if "transformers" in med else "-"])
-                res[f"decode_{dt_name}_{ctx}_{name}"] = {"tok_s": 1 / s, "bound_tok_s": bound, "bw_GBs": bw / 1e9,
-                                                         "bytes_per_token": bytes_tok}
-            print(f"decode {dt_name} ctx {ctx}: " + ", ".join(f"{k} {1 / v:.2f} tok/s ({100 / v / bound:.0f}%)"
-                                                              for k, v in med.items())
-                  + f" | bound {bound:.2f} tok/s at {bw / 1e9:.1f} GB/s", flush=True)
+                res[f"decode_{dt_name}_{ctx}_{path}_{th}t"] = {"tok_s": 1 / s, "bound_tok_s": bound,
+                                                               "bw_GBs": bws[th] / 1e9, "bytes_per_token": bytes_tok}
+            print(f"decode {dt_name} ctx {ctx}: " + ", ".join(
+                f"{k} {1 / v:.2f} tok/s ({100 / v / (bws[extra.get(k, args.threads[0])] / bytes_tok):.0f}%)"
+                for k, v in med.items()) + " | bound " + ", ".join(
+                f"{bws[t] / bytes_tok:.2f} tok/s at {bws[t] / 1e9:.1f} GB/s ({t} thr)" for t in args.threads),
+                flush=True)
         if dt_name in ("fp32", "bf16"):
             ids = torch.randint(10, vocab, (1, args.prefill_len), generator=gen)
             pre = {"fast": runners["fast"]}
@@ -361,9 +383,9 @@ def main(argv=None) -> int:
     if args.rss:
         _rss(args, res)
     load_end = os.getloadavg()
-    fast = {(r[1], r[2]): r for r in decode_rows if r[0] == "zoo fast"}
-    summary = "; ".join(f"{dt} ctx {c}: {r[5]} of bound ({r[6]} vs eager"
-                        + (f", {r[7]} vs transformers" if r[7] != "-" else "") + ")" for (dt, c), r in fast.items())
+    fast = {(r[1], r[3], r[2]): r for r in decode_rows if r[0] == "zoo fast"}
+    summary = "; ".join(f"{dt} ctx {c} {t}t: {r[6]} of bound ({r[7]} vs eager"
+                        + (f", {r[8]} vs transformers" if r[8] != "-" else "") + ")" for (dt, c, t), r in fast.items())
     summary += "; prefill " + ", ".join(f"{r[0]} {r[1]} {r[5]} of GEMM peak" for r in prefill_rows)
     print(f"LFM2{'-tiny' if args.tiny else '-350M'} {res['params']:,} params, {args.threads} threads, load average "
           f"{load_start[0]:.1f} -> {load_end[0]:.1f}, max |dlogit| ours vs transformers {max_diff}")
@@ -372,10 +394,12 @@ def main(argv=None) -> int:
 
     notes = (f"{'tiny config' if args.tiny else 'LFM2-350M'} random weights, {args.threads} threads, load average "
              f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end; bounds measured in the same process "
-             f"between the paths (read bandwidth median {statistics.median(limits.bw) / 1e9:.1f} GB/s)")
+             "between the paths (read bandwidth median " + ", ".join(
+                 f"{statistics.median(v) / 1e9:.1f} GB/s at {t} thread{'s' * (t > 1)}"
+                 for t, v in limits.bw_by_threads.items()) + ")")
     path = write_results(args.json, {
-        "decode": {"columns": ["path", "weights", "context", "decode tok/s", "bandwidth bound tok/s", "of bound",
-                               "vs eager", "vs transformers"], "rows": decode_rows},
+        "decode": {"columns": ["path", "weights", "threads", "context", "decode tok/s", "bandwidth bound tok/s",
+                               "of bound", "vs eager", "vs transformers"], "rows": decode_rows},
         "prefill": {"columns": ["path", "weights", "prompt", "prefill tok/s", "GEMM peak GFLOP/s", "of peak",
                                 "vs transformers"], "rows": prefill_rows},
         "batch": {"columns": ["weights", "batch", "prompt lengths", "fast decode tok/s", "eager decode tok/s",
@@ -384,7 +408,8 @@ def main(argv=None) -> int:
                  "prefill_len": args.prefill_len, "decode_steps": args.decode_steps, "repeats": args.repeats,
                  "batch_sizes": args.batch_sizes, "dtypes": args.dtypes, "transformers": hf_version,
                  "load_average_start": [round(x, 2) for x in load_start], "max_abs_logit_diff_vs_transformers": max_diff,
-                 "read_bandwidth_GBs": [round(b / 1e9, 2) for b in limits.bw],
+                 "read_bandwidth_GBs": {str(t): [round(b / 1e9, 2) for b in v]
+                                        for t, v in limits.bw_by_threads.items()},
                  "gemm_peak_GFLOPs": {str(k): [round(g / 1e9, 1) for g in v] for k, v in limits.gemm.items()},
                  "summary": summary, "figures": res}, notes=notes)
     print(f"wrote {path}")

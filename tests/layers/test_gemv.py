@@ -118,3 +118,17 @@ def test_fallback_without_a_compiler_or_when_switched_off(tmp_path, monkeypatch)
     finally:
         monkeypatch.undo()
         gemv.reset()
+
+
+def test_rms_norm_kernel_matches_the_module_math(kernel):
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 1, 1024), (1, 16, 64), (3, 1, 37)):
+        x, w = torch.randn(*shape, generator=g) * 3, 1 + 0.3 * torch.randn(shape[-1], generator=g)
+        with torch.inference_mode():
+            torch.testing.assert_close(gemv.rms_norm(x, w, 1e-5), F.rms_norm(x, (shape[-1],), w, 1e-5),
+                                       rtol=1e-6, atol=1e-6)
+            xb, wb = x.bfloat16(), w.bfloat16()
+            h = xb.float()
+            want = wb * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
+            assert torch.equal(gemv.rms_norm(xb, wb, 1e-5), want)  # same roundings, same bits
+    assert gemv.rms_norm(torch.randn(1, 8, requires_grad=True), torch.ones(8), 1e-5) is None  # autograd: module ops

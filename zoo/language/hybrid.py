@@ -520,6 +520,7 @@ class ForwardContext:
 # Batch-1 decoding is a chain of matrix-vector products; zoo.layers.gemv streams them at memory bandwidth (fp32,
 # bf16, int8 weight-only; compiled on first use, stock products otherwise). Rows are independent there, so packing
 # projections or splitting rows over threads never changes a result.
+from zoo.layers import gemv as _gemv  # noqa: E402
 from zoo.layers.gemv import int8_linear, linear  # noqa: E402
 
 
@@ -620,6 +621,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= 65536 and not torch.is_grad_enabled():  # decode: one call instead of ~10 small ops
+            y = _gemv.rms_norm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()

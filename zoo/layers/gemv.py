@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "int8_linear", "kernels_available", "reset"]
+__all__ = ["linear", "int8_linear", "rms_norm", "kernels_available", "reset"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -37,6 +37,7 @@ _GEMV_C = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <stdatomic.h>
+#include <math.h>
 
 #define PF 768 /* bytes the software prefetch runs ahead of the row stream */
 
@@ -98,6 +99,29 @@ static void rows(const job_t *j, int64_t n0, int64_t n1) {
                                                                          : dot_i8(w, j->x, j->k);
         if (j->wkind == 2) v *= j->sbf ? from_bf16(((const uint16_t *)j->s)[n]) : ((const float *)j->s)[n];
         if (j->ybf) ((uint16_t *)j->y)[n] = to_bf16(v); else ((float *)j->y)[n] = v;
+    }
+}
+
+/* RMSNorm of m rows of k: fp32 as F.rms_norm (x * rsqrt(mean(x^2) + eps) * w); bf16 as the hybrid LMs' RMSNorm
+   (statistics in fp32, the normalised row rounded to bf16, then times the bf16 weight, rounded again). */
+void zoo_rmsnorm(const void *x, const void *w, void *y, int bf, int64_t m, int64_t k, float eps) {
+    for (int64_t r = 0; r < m; r++) {
+        __m512 acc = _mm512_setzero_ps();
+        int64_t j = 0;
+        for (; j < k; j += 16) {
+            __mmask16 mk = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
+            __m512 v = bf ? ldm_bf16(mk, (const uint16_t *)x + r * k + j) : ldm_f32(mk, (const float *)x + r * k + j);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)k + eps);
+        for (j = 0; j < k; j++) {
+            if (bf) {
+                float h = from_bf16(to_bf16(from_bf16(((const uint16_t *)x)[r * k + j]) * inv));
+                ((uint16_t *)y)[r * k + j] = to_bf16(from_bf16(((const uint16_t *)w)[j]) * h);
+            } else {
+                ((float *)y)[r * k + j] = ((const float *)x)[r * k + j] * inv * ((const float *)w)[j];
+            }
+        }
     }
 }
 
@@ -202,7 +226,7 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV"}
+_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM"}
 
 
 def _compiler() -> str | None:
@@ -258,6 +282,10 @@ def _load():
                        c.c_int64, c.c_int64, c.c_int]
         fn.restype = None
         _state["fn"] = fn
+        norm = lib.zoo_rmsnorm
+        norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_float]
+        norm.restype = None
+        _state["norm"] = norm
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -308,6 +336,22 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if y is not None:
             return y if bias is None else y.add_(bias)
     return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm over the last dim of a small inference input (decode: a few rows) in one call, or None where the
+    kernel does not apply (the caller runs its own ops). fp32: ``F.rms_norm``'s math; bf16: fp32 statistics, the
+    normalised row rounded to bf16 and multiplied by the bf16 weight (the hybrid LMs' ``RMSNorm``)."""
+    fn = _state.get("norm") if "fn" in _state else (_load() and _state.get("norm"))
+    if (fn is None or 3 in _state["off"] or x.dtype is not weight.dtype or x.dtype not in (torch.float32, torch.bfloat16)
+            or x.device.type != "cpu" or x.numel() > 65536 or x.numel() == 0 or not x.is_contiguous()
+            or not weight.is_contiguous() or weight.numel() != x.shape[-1]
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    y = torch.empty_like(x)
+    k = x.shape[-1]
+    fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(x.dtype is torch.bfloat16), x.numel() // k, k, eps)
+    return y
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
