@@ -84,6 +84,14 @@ def test_broken_shard_leaves_nothing_and_is_named(server, tmp_path, fault):  # n
     assert left == [SHARDS[0]], f"only the complete shard may stay (no index, no partial file): {left}"
 
 
+def test_offline_sharded_says_where_to_put_index_and_shards(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    src = CheckpointSource(url="http://127.0.0.1:9/release/" + INDEX)
+    with pytest.raises(CheckpointError, match="offline mode.* with every shard it lists next to it"):
+        download(src, cache_dir=tmp_path, progress=False)
+    assert _files(tmp_path) == []
+
+
 def test_index_and_shards_must_agree(tmp_path):
     files = _release(SD)
     for name, body in files.items():

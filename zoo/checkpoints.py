@@ -109,6 +109,7 @@ def _manual_hint(source: CheckpointSource, dest: Path) -> str:
     return (
         f"Download {_file_name(source)} from {source_url(source)} by hand and place it at {dest}"
         + (f" (sha256 {sha})" if sha else "")
+        + (" with every shard it lists next to it" if is_shard_index(_file_name(source)) else "")
         + "; or pass checkpoint_path= / set ZOO_HOME to a folder that holds it."
     )
 
