@@ -132,3 +132,21 @@ def test_rms_norm_kernel_matches_the_module_math(kernel):
             want = wb * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
             assert torch.equal(gemv.rms_norm(xb, wb, 1e-5), want)  # same roundings, same bits
     assert gemv.rms_norm(torch.randn(1, 8, requires_grad=True), torch.ones(8), 1e-5) is None  # autograd: module ops
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_sdpa_with_grouped_heads_padding_and_a_cache_view(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    for b, h, kvh, s, hd in ((2, 8, 2, 37, 64), (1, 4, 4, 1, 20), (1, 6, 3, 130, 48)):
+        q = torch.randn(b, h, 1, hd, generator=g).to(dtype)
+        buf = torch.randn(2, b, kvh, s + 11, hd, generator=g).to(dtype)  # a KV buffer with spare capacity
+        k, v = buf[0, :, :, :s], buf[1, :, :, :s]
+        keep = torch.ones(b, s, dtype=torch.bool)
+        keep[0, : s // 3] = False  # left padding of row 0 (the newest key stays visible)
+        with torch.inference_mode():
+            got = gemv.attn_decode(q, k, v, keep[:, None, None], hd**-0.5)
+            want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=keep[:, None, None],
+                                                  scale=hd**-0.5, enable_gqa=True)
+        assert got.shape == q.shape and got.dtype == dtype
+        tol = 1e-5 if dtype is torch.float32 else 2 ** -8 * want.abs().max().item()
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)

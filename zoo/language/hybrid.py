@@ -770,8 +770,9 @@ class GQAttention(nn.Module):
     packed_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
     def step(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        """One query per row: packed q/k/v product, the KV buffer written in place, and grouped attention as two
-        small batched products (the fused SDPA kernel costs more than the arithmetic for a single query)."""
+        """One query per row: packed q/k/v product, the KV buffer written in place, and grouped attention in one
+        pass over the cache (``zoo.layers.gemv.attn_decode``; without it two small batched products: the fused SDPA
+        kernel costs more than the arithmetic for a single query)."""
         bsz, hd, kvh = x.shape[0], self.head_dim, self.num_kv_heads
         q, k, v = packed_linear(self, "qkv", x)
         q = self.q_layernorm(q.view(bsz, 1, self.num_heads, hd)).transpose(1, 2)
@@ -781,11 +782,16 @@ class GQAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         k, v = ctx.cache.kv_buffer(self.layer_idx).append(k, v)  # [B, kv_heads, S, hd]
-        scores = torch.matmul(q.reshape(bsz, kvh, -1, hd), k.transpose(2, 3)).mul_(hd**-0.5)  # [B, kvh, rep, S]
+        keep = None
         if ctx.key_mask is not None:
             keep = ctx._memo.get("step_keys")
             if keep is None:  # padded keys are invisible; the new (real) token always sees itself
                 keep = ctx._memo["step_keys"] = F.pad(ctx.key_mask[:, :-1], (0, 1), value=True)[:, None, None]
+        o = _gemv.attn_decode(q, k, v, keep, hd**-0.5)  # one pass over the cache, fp32 softmax (compiled kernel)
+        if o is not None:
+            return self.out_proj(o.reshape(bsz, 1, self.num_heads * hd))
+        scores = torch.matmul(q.reshape(bsz, kvh, -1, hd), k.transpose(2, 3)).mul_(hd**-0.5)  # [B, kvh, rep, S]
+        if keep is not None:
             scores.masked_fill_(~keep, float("-inf"))
         probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.float().softmax(-1).to(v.dtype)
         o = torch.matmul(probs, v)  # [B, kvh, rep, hd]: heads in q_proj order

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "int8_linear", "rms_norm", "kernels_available", "reset"]
+__all__ = ["linear", "int8_linear", "rms_norm", "attn_decode", "kernels_available", "reset"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -123,6 +123,82 @@ void zoo_rmsnorm(const void *x, const void *w, void *y, int bf, int64_t m, int64
             }
         }
     }
+}
+
+/* exp for softmax: 2^n * e^f with n = round(x / ln2), |f| <= ln2 / 2, degree-6 polynomial (~1 ulp); x <= 0 here. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One query per row against a KV cache (decode attention): q [B, H, hd] contiguous, k / v [B, KVH, S, hd] with
+   row strides (sb, sh) and contiguous [S, hd] blocks, keep [B, S] (1 = visible) or NULL, o [B, H, hd]; head h reads
+   kv head h / (H / KVH). Scores and softmax in fp32, output rounded to the dtype once. */
+void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const uint8_t *keep, int bf,
+                     int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t hd, int64_t sb, int64_t sh, float scale) {
+    int64_t rep = H / KVH, nv = (hd + 15) / 16;
+    float *sc = (float *)malloc(sizeof(float) * (S + 16) * rep);
+    float qf[16 * 32], of[16 * 32];
+    if (!sc || nv > 32) { free(sc); return; }
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < KVH; g++) {
+            const char *kb = (const char *)k + (b * sb + g * sh) * (bf ? 2 : 4);
+            const char *vb = (const char *)v + (b * sb + g * sh) * (bf ? 2 : 4);
+            for (int64_t r = 0; r < rep; r++) {
+                float m = -INFINITY, *s = sc + r * (S + 16);
+                int64_t h = g * rep + r;
+                for (int64_t i = 0; i < hd; i++)
+                    qf[i] = bf ? from_bf16(((const uint16_t *)q)[(b * H + h) * hd + i]) : ((const float *)q)[(b * H + h) * hd + i];
+                for (int64_t j = 0; j < S; j++) {
+                    __m512 a = _mm512_setzero_ps();
+                    for (int64_t i = 0; i < hd; i += 16) {
+                        __mmask16 mk = hd - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hd - i)) - 1);
+                        __m512 kv = bf ? ldm_bf16(mk, kb + (j * hd + i) * 2) : ldm_f32(mk, kb + (j * hd + i) * 4);
+                        a = _mm512_fmadd_ps(kv, _mm512_maskz_loadu_ps(mk, qf + i), a);
+                    }
+                    float x = _mm512_reduce_add_ps(a) * scale;
+                    if (keep && !keep[b * S + j]) x = -INFINITY;
+                    s[j] = x;
+                    if (x > m) m = x;
+                }
+                __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m);
+                for (int64_t j = 0; j < S; j += 16) {
+                    __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+                    __m512 x = _mm512_maskz_loadu_ps(mk, s + j); /* masked keys: exactly 0 */
+                    mk &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                    __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
+                    _mm512_storeu_ps(s + j, e); /* (s has 16 floats of room past S) */
+                    sum = _mm512_add_ps(sum, e);
+                }
+                float inv = 1.0f / _mm512_reduce_add_ps(sum);
+                __m512 acc[32];
+                for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+                for (int64_t j = 0; j < S; j++) {
+                    __m512 pj = _mm512_set1_ps(s[j]);
+                    for (int64_t i = 0; i < nv; i++) {
+                        __mmask16 mk = hd - i * 16 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hd - i * 16)) - 1);
+                        __m512 vv = bf ? ldm_bf16(mk, vb + (j * hd + i * 16) * 2) : ldm_f32(mk, vb + (j * hd + i * 16) * 4);
+                        acc[i] = _mm512_fmadd_ps(pj, vv, acc[i]);
+                    }
+                }
+                for (int64_t i = 0; i < nv; i++) _mm512_storeu_ps(of + i * 16, _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
+                for (int64_t i = 0; i < hd; i++) {
+                    if (bf) ((uint16_t *)o)[(b * H + h) * hd + i] = to_bf16(of[i]);
+                    else ((float *)o)[(b * H + h) * hd + i] = of[i];
+                }
+            }
+        }
+    free(sc);
 }
 
 /* ---- a persistent pool: workers spin ~0.2 ms for the next call (decode issues them back to back), then sleep; short spins
@@ -226,7 +302,7 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM"}
+_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN"}
 
 
 def _compiler() -> str | None:
@@ -286,6 +362,11 @@ def _load():
         norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_float]
         norm.restype = None
         _state["norm"] = norm
+        att = lib.zoo_attn_decode
+        att.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 7,
+                        c.c_float]
+        att.restype = None
+        _state["attn"] = att
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -352,6 +433,31 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     k = x.shape[-1]
     fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), int(x.dtype is torch.bfloat16), x.numel() // k, k, eps)
     return y
+
+
+def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                scale: float) -> torch.Tensor | None:
+    """Grouped-query attention of ONE query per row: ``q`` [B, H, 1, hd], ``k`` / ``v`` [B, KVH, S, hd] (views of a
+    KV buffer: contiguous [S, hd] blocks), ``keep`` [B, S] bool (visible keys) or None; returns [B, H, 1, hd]
+    (head h reads kv head h // (H / KVH)), or None where the kernel does not apply. fp32 scores and softmax, one
+    rounding of the output; reads the cache once."""
+    fn = _state.get("attn") if "fn" in _state else (_load() and _state.get("attn"))
+    if (fn is None or 4 in _state["off"] or q.dtype not in (torch.float32, torch.bfloat16)
+            or not (q.dtype is k.dtype is v.dtype) or q.device.type != "cpu" or q.shape[2] != 1
+            or k.shape != v.shape or k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != k.shape[3]
+            or q.shape[-1] != k.shape[-1] or k.shape[-1] > 512 or q.shape[1] % k.shape[1] or k.shape[2] == 0
+            or torch.is_grad_enabled()):
+        return None
+    b, h, _, hd = q.shape
+    qc = q.contiguous()
+    o = torch.empty_like(qc)
+    kp = None
+    if keep is not None:
+        keep = keep.reshape(b, -1)
+        kp = keep.to(torch.uint8).contiguous() if keep.dtype is not torch.uint8 else keep.contiguous()
+    fn(qc.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None if kp is None else kp.data_ptr(),
+       int(q.dtype is torch.bfloat16), b, h, k.shape[1], k.shape[2], hd, k.stride(0), k.stride(1), scale)
+    return o
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
