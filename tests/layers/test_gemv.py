@@ -150,3 +150,21 @@ def test_decode_attention_kernel_matches_sdpa_with_grouped_heads_padding_and_a_c
         assert got.shape == q.shape and got.dtype == dtype
         tol = 1e-5 if dtype is torch.float32 else 2 ** -8 * want.abs().max().item()
         torch.testing.assert_close(got.float(), want, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_step_kernel_matches_the_module_ops_and_shifts_the_state(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    b, d, L = 3, 40, 3
+    bcx = torch.randn(b, 1, 3 * d, generator=g).to(dtype)
+    state = torch.randn(b, L - 1, d, generator=g).to(dtype)
+    w, bias = torch.randn(d, 1, L, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
+    keep = torch.tensor([[True], [False], [True]])
+    bb, c, x = bcx.chunk(3, -1)
+    y = (bb * x) * keep[..., None].to(dtype)  # what ShortConv.forward does for one token
+    window = torch.cat([state, y], 1)
+    want = c * ((window * w[:, 0, :].t()).sum(1, keepdim=True) + bias)
+    st = state.clone()
+    with torch.inference_mode():
+        got = gemv.conv_step(bcx, st, w, bias, keep)
+    assert torch.equal(got, want) and torch.equal(st, window[:, 1:])

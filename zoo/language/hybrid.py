@@ -705,7 +705,11 @@ class ShortConv(nn.Module):
         st, k = ctx.cache.layers[self.layer_idx], self.kernel_size
         if k == 1 or st is None or st.dtype != x.dtype:
             return self.forward(x, ctx)
-        b, c, xs = self.in_proj(x).chunk(3, dim=-1)
+        bcx = self.in_proj(x)
+        z = _gemv.conv_step(bcx, st, self.conv.weight, self.conv.bias, ctx.pad_mask)  # one call (compiled kernel)
+        if z is not None:
+            return self.out_proj(z)
+        b, c, xs = bcx.chunk(3, dim=-1)
         y = b * xs  # [B, 1, d]
         if ctx.pad_mask is not None:
             y.mul_(ctx.pad_mask[..., None].to(y.dtype))

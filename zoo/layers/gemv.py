@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "int8_linear", "rms_norm", "attn_decode", "kernels_available", "reset"]
+__all__ = ["linear", "int8_linear", "rms_norm", "attn_decode", "conv_step", "kernels_available", "reset"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -201,6 +201,35 @@ void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const
     free(sc);
 }
 
+/* LFM2 short-conv decode step for one token per row: bcx [B, 3d] = (b, c, x) from in_proj, st [B, L-1, d] the cached
+   conv inputs (updated in place), w [d, L] depthwise taps, bias [d] or NULL, keep [B] (0 = padding) or NULL;
+   out [B, d] = c * (sum_j window_j * w_j + bias) with window = (st, b * x). Every product and sum is rounded to the
+   dtype where PyTorch's ops round it (bf16: each elementwise result; the tap sum accumulated in fp32). */
+void zoo_conv_step(const void *bcx, void *st, const void *w, const void *bias, const uint8_t *keep, void *out,
+                   int bf, int64_t B, int64_t d, int64_t L) {
+#define RD(p, i) (bf ? from_bf16(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+#define RND(v) (bf ? from_bf16(to_bf16(v)) : (v))
+#define WR(p, i, v) do { if (bf) ((uint16_t *)(p))[i] = to_bf16(v); else ((float *)(p))[i] = (v); } while (0)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t ch = 0; ch < d; ch++) {
+            float y = RND(RD(bcx, b * 3 * d + ch) * RD(bcx, b * 3 * d + 2 * d + ch));
+            if (keep && !keep[b]) y = RND(y * 0.0f);
+            float z = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                float xv = j < L - 1 ? RD(st, (b * (L - 1) + j) * d + ch) : y;
+                z += RND(xv * RD(w, ch * L + j));
+            }
+            z = RND(z);
+            if (bias) z = RND(z + RD(bias, ch));
+            for (int64_t j = 0; j + 1 < L - 1; j++) WR(st, (b * (L - 1) + j) * d + ch, RD(st, (b * (L - 1) + j + 1) * d + ch));
+            if (L > 1) WR(st, (b * (L - 1) + L - 2) * d + ch, y);
+            WR(out, b * d + ch, RD(bcx, b * 3 * d + d + ch) * z);
+        }
+#undef RD
+#undef RND
+#undef WR
+}
+
 /* ---- a persistent pool: workers spin ~0.2 ms for the next call (decode issues them back to back), then sleep; short spins
    because a PAUSE costs ~90 ns on Zen 4 and a spinning thread on a shared machine takes the core its peer needs */
 #define MAXT 64
@@ -299,10 +328,11 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
 }
 """
 
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
+# no contraction of a * b + c into an FMA: the scalar parts round exactly where the PyTorch ops they replace round
+_FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN"}
+_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV"}
 
 
 def _compiler() -> str | None:
@@ -367,6 +397,10 @@ def _load():
                         c.c_float]
         att.restype = None
         _state["attn"] = att
+        cs = lib.zoo_conv_step
+        cs.argtypes = [c.c_void_p] * 6 + [c.c_int, c.c_int64, c.c_int64, c.c_int64]
+        cs.restype = None
+        _state["conv"] = cs
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -458,6 +492,30 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.T
     fn(qc.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None if kp is None else kp.data_ptr(),
        int(q.dtype is torch.bfloat16), b, h, k.shape[1], k.shape[2], hd, k.stride(0), k.stride(1), scale)
     return o
+
+
+def conv_step(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              keep: torch.Tensor | None) -> torch.Tensor | None:
+    """LFM2's gated short convolution for one new token per row in one call: ``bcx`` [B, 1, 3d] (in_proj output:
+    B, C, x), ``state`` [B, L-1, d] (the cached conv inputs, shifted in place), ``weight`` [d, 1, L], ``keep`` [B, 1]
+    (0 = padding) or None; returns ``C * conv(B * x)`` [B, 1, d] rounded as the module's ops round it, or None where
+    the kernel does not apply."""
+    fn = _state.get("conv") if "fn" in _state else (_load() and _state.get("conv"))
+    dt = bcx.dtype
+    if (fn is None or 5 in _state["off"] or dt not in (torch.float32, torch.bfloat16) or bcx.device.type != "cpu"
+            or not (state.dtype is weight.dtype is dt) or (bias is not None and bias.dtype is not dt)
+            or bcx.shape[1] != 1 or not bcx.is_contiguous() or not state.is_contiguous()
+            or not weight.is_contiguous() or torch.is_grad_enabled()):
+        return None
+    b, _, d3 = bcx.shape
+    d, L = d3 // 3, weight.shape[-1]
+    if state.shape != (b, L - 1, d) or weight.numel() != d * L:
+        return None
+    kp = None if keep is None else keep.reshape(b).to(torch.uint8).contiguous()
+    out = bcx.new_empty(b, 1, d)
+    fn(bcx.data_ptr(), state.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+       None if kp is None else kp.data_ptr(), out.data_ptr(), int(dt is torch.bfloat16), b, d, L)
+    return out
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
