@@ -810,6 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=500)
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="reinforce only this share of each digit's train images (a data-limited student, as the "
+                        "paper's students see far less data than their teachers were trained on)")
     p.add_argument("--rand-augment", type=int, nargs=2, default=None, metavar=("NUM_OPS", "MAGNITUDE"),
                    help="also store RandAugment ops per augmentation (DataCompDR: 2 9, torchvision's defaults)")
     a = p.parse_args(argv)
@@ -818,6 +821,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.manual_seed(a.seed)
     teachers = [zoo.create_model(a.model_name, checkpoint_path=t, **json.loads(a.model_args)).eval() for t in a.teacher]
     img, lab = digits_split(a.seed)["train"]
+    if not 0.0 < a.fraction <= 1.0:
+        raise SystemExit(f"--fraction {a.fraction}: expected a share in (0, 1]")
+    if a.fraction < 1.0:  # the first images of each class (the split is already shuffled per class)
+        keep = np.concatenate([np.flatnonzero(lab == c)[:max(1, int(round(a.fraction * (lab == c).sum())))]
+                               for c in range(10)])
+        img, lab = img[np.sort(keep)], lab[np.sort(keep)]
     paths = reinforce(teachers, img, lab, a.out, num_augs=a.num_augs, image_size=a.image_size, seed=a.seed,
                       shard_size=a.shard_size, rand_augment=tuple(a.rand_augment) if a.rand_augment else None)
     print(f"wrote {len(paths)} shard(s) to {a.out}")
