@@ -168,3 +168,16 @@ def test_conv_step_kernel_matches_the_module_ops_and_shifts_the_state(kernel, dt
     with torch.inference_mode():
         got = gemv.conv_step(bcx, st, w, bias, keep)
     assert torch.equal(got, want) and torch.equal(st, window[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_kernel_matches_the_module_ops(kernel, dtype):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 6, 16, generator=g).to(dtype).transpose(1, 2)  # [B, H, 1, hd] as the decode step has it
+    ang = torch.randn(2, 1, 1, 16, generator=g)
+    cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    want = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    with torch.inference_mode():
+        assert torch.equal(gemv.rope(x, cos, sin), want)
+        assert torch.equal(gemv.rope(x[:1], cos[:1], sin[:1]), want[:1])

@@ -783,8 +783,9 @@ class GQAttention(nn.Module):
         k = self.k_layernorm(k.view(bsz, 1, kvh, hd)).transpose(1, 2)
         v = v.view(bsz, 1, kvh, hd).transpose(1, 2)
         cos, sin = ctx.rope(hd, self.rope_theta, q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qr, kr = _gemv.rope(q, cos, sin), _gemv.rope(k, cos, sin)  # one call each (compiled kernel)
+        q = qr if qr is not None else q * cos + rotate_half(q) * sin
+        k = kr if kr is not None else k * cos + rotate_half(k) * sin
         k, v = ctx.cache.kv_buffer(self.layer_idx).append(k, v)  # [B, kv_heads, S, hd]
         keep = None
         if ctx.key_mask is not None:

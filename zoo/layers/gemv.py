@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "int8_linear", "rms_norm", "attn_decode", "conv_step", "kernels_available", "reset"]
+__all__ = ["linear", "int8_linear", "rms_norm", "attn_decode", "conv_step", "rope", "kernels_available", "reset"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -230,6 +230,25 @@ void zoo_conv_step(const void *bcx, void *st, const void *w, const void *bias, c
 #undef WR
 }
 
+/* RoPE of one position per row: out = x * cos + rotate_half(x) * sin for x [B, R, hd] (R heads), cos / sin [B or 1,
+   hd] (row stride cs), rounded where the PyTorch ops round (bf16: each product and the sum). */
+void zoo_rope(const void *x, const void *cos, const void *sin, void *out, int bf, int64_t B, int64_t R, int64_t hd,
+              int64_t cs) {
+#define RD(p, i) (bf ? from_bf16(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
+#define RND(v) (bf ? from_bf16(to_bf16(v)) : (v))
+    int64_t half = hd / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t r = 0; r < R; r++)
+            for (int64_t i = 0; i < hd; i++) {
+                int64_t o = (b * R + r) * hd;
+                float rot = i < half ? -RD(x, o + i + half) : RD(x, o + i - half);
+                float v = RND(RND(RD(x, o + i) * RD(cos, b * cs + i)) + RND(rot * RD(sin, b * cs + i)));
+                if (bf) ((uint16_t *)out)[o + i] = to_bf16(v); else ((float *)out)[o + i] = v;
+            }
+#undef RD
+#undef RND
+}
+
 /* ---- a persistent pool: workers spin ~0.2 ms for the next call (decode issues them back to back), then sleep; short spins
    because a PAUSE costs ~90 ns on Zen 4 and a spinning thread on a shared machine takes the core its peer needs */
 #define MAXT 64
@@ -332,7 +351,7 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV"}
+_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV", 6: "ZOO_DISABLE_CPU_ROPE"}
 
 
 def _compiler() -> str | None:
@@ -401,6 +420,10 @@ def _load():
         cs.argtypes = [c.c_void_p] * 6 + [c.c_int, c.c_int64, c.c_int64, c.c_int64]
         cs.restype = None
         _state["conv"] = cs
+        rp = lib.zoo_rope
+        rp.argtypes = [c.c_void_p] * 4 + [c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_int64]
+        rp.restype = None
+        _state["rope"] = rp
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -515,6 +538,23 @@ def conv_step(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias
     out = bcx.new_empty(b, 1, d)
     fn(bcx.data_ptr(), state.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
        None if kp is None else kp.data_ptr(), out.data_ptr(), int(dt is torch.bfloat16), b, d, L)
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``x * cos + rotate_half(x) * sin`` for one position per row in one call: ``x`` [B, H, 1, hd] (laid out as
+    [B, H, hd]), ``cos`` / ``sin`` [B or 1, 1, 1, hd]; rounded as those ops round; None where it does not apply."""
+    fn = _state.get("rope") if "fn" in _state else (_load() and _state.get("rope"))
+    if (fn is None or 6 in _state["off"] or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"
+            or not (cos.dtype is sin.dtype is x.dtype) or x.dim() != 4 or x.shape[2] != 1 or x.shape[3] % 2
+            or x.stride(3) != 1 or x.stride(1) != x.shape[3] or x.stride(0) != x.shape[1] * x.shape[3]
+            or cos.shape != sin.shape or cos.shape[1:] != (1, 1, x.shape[3]) or cos.shape[0] not in (1, x.shape[0])
+            or not cos.is_contiguous() or not sin.is_contiguous() or torch.is_grad_enabled()):
+        return None
+    b, h, _, hd = x.shape
+    out = torch.empty(b, h, 1, hd, dtype=x.dtype)
+    fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), int(x.dtype is torch.bfloat16), b, h, hd,
+       hd if cos.shape[0] > 1 else 0)
     return out
 
 
