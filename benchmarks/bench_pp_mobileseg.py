@@ -14,6 +14,7 @@ VIM). Timings are interleaved per round so load from other processes hits both a
 ``vim / bilinear+argmax`` (< 1: VIM faster). Also times the upsampling stage alone on 1/8 logits.
 
     python benchmarks/bench_pp_mobileseg.py --threads 1 --iters 10
+    python benchmarks/bench_pp_mobileseg.py --tiny --models pp_mobileseg_tiny --size 64 --iters 1 --warmup 0  # smoke
 """
 import argparse
 import json
@@ -32,7 +33,9 @@ if str(ROOT) not in sys.path:
 
 import zoo  # noqa: E402
 from zoo.bench import time_interleaved  # noqa: E402
+from zoo.contract import small_cfg  # noqa: E402
 from zoo.deploy import export, reparameterize  # noqa: E402
+from zoo.vision import pp_mobileseg  # noqa: E402
 from zoo.vision.pp_mobileseg import vim_upsample  # noqa: E402
 
 
@@ -45,9 +48,12 @@ class ArgmaxOf(torch.nn.Module):
         return self.model(x).argmax(1).to(torch.int32)
 
 
-def build(name: str, upsample: str, present: int, seed: int = 0) -> torch.nn.Module:
+def build(name: str, upsample: str, present: int, seed: int = 0, tiny: bool = False, calib_size: int = 256
+          ) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = zoo.create_model(name, upsample=upsample).eval()
+    # --tiny: the family's reduced test size (one block per stage, every block type kept): a smoke run
+    overrides = small_cfg(name, pp_mobileseg).kwargs if tiny else {}
+    model = zoo.create_model(name, upsample=upsample, **overrides).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
@@ -58,7 +64,8 @@ def build(name: str, upsample: str, present: int, seed: int = 0) -> torch.nn.Mod
         bias.zero_()
         # random weights give nearly constant features: center and scale the classifier on a calibration input so
         # logits vary by about 1 across pixels, then the present classes share the image
-        f = model.forward_head(model.forward_features(torch.randn(1, 3, 256, 256, generator=g)), pre_logits=True)
+        f = model.forward_head(model.forward_features(torch.randn(1, 3, calib_size, calib_size, generator=g)),
+                               pre_logits=True)
         mean, std = f.mean((0, 2, 3)), f.std((0, 2, 3)).clamp(min=1e-6)
         w = torch.randn(bias.numel(), mean.numel(), generator=g) / std / mean.numel() ** 0.5
         model.decode_head.conv_seg.weight.copy_(w[:, :, None, None])
@@ -81,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None)
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke run: the family's reduced test depths, calibrated at --size (figures meaningless)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
@@ -88,7 +97,8 @@ def main(argv=None) -> int:
     x = torch.randn(1, 3, args.size, args.size)
     rows = []
     for name in args.models:
-        models = {k: build(name, up, args.present) for k, up in (("bilinear+argmax", "bilinear"), ("vim", "vim"))}
+        models = {k: build(name, up, args.present, tiny=args.tiny, calib_size=args.size if args.tiny else 256)
+                  for k, up in (("bilinear+argmax", "bilinear"), ("vim", "vim"))}
         with torch.inference_mode():
             labels = {k: m(x) for k, m in models.items()}
         agree = float((labels["vim"] == labels["bilinear+argmax"]).float().mean())
