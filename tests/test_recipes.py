@@ -33,8 +33,11 @@ def _tiny_image_folder(root: Path, classes=2, per_class=4, size=40) -> Path:
 
 
 def _image_folder_args(tmp: Path) -> list[str]:
+    # 64 px instead of the recipes' 224: the ImageNet recipes' full-size models step 3-10x faster, and the same
+    # code runs (the data config, augmentation and model are the recipe's; only the crop size is smaller)
     root = _tiny_image_folder(tmp / "imagefolder")
-    return [f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0"]
+    return [f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+            "--data.init_args.input_size=[3, 64, 64]"]
 
 
 def _text_args(tmp: Path) -> list[str]:
