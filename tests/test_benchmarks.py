@@ -26,6 +26,8 @@ SMOKE = {  # script -> smallest arguments it has
     "bench_startup.py": ["--repeat", "1", "--cases", "zoo --help", "import zoo"],
     # bench_pp_mobileseg.py (two full-size dynamo exports, ~37 CPU-s at 64 px) and bench_mobileclip.py (open_clip's
     # full model) have no size option small enough for the suite's budget yet
+    # a random tiny IIR-SNN at 16 px: quantized (2 calibration batches), parity report, interleaved timing, profile
+    "bench_int8.py": ["--tiny", "--calib-batches", "2", "--rounds", "1", "--calls", "2", "--threads", "1"],
 }
 
 
@@ -37,6 +39,13 @@ def test_benchmark_script_smoke(script, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc, script
+    if script == "bench_int8.py":  # a results file: int8 vs fp32 agreement, both timed at batch 1 and 8, profiled
+        (row,) = doc["tables"]["int8"]["rows"]
+        assert row[0] == "tiny snn" and row[5] >= 90 and all(row[i] > 0 for i in (6, 7, 8, 9, 10, 11))
+        (detail,) = doc["settings"]["details"]
+        assert detail["calibration_images"] == 16 and detail["profile"] and doc["provenance"] == "measured"
+        assert list(tmp_path.iterdir()) == [out]
+        return
     if script == "bench_nemotron_flash.py":  # ours == transformers' Mamba2 on the same weights; both context rows
         assert doc["mixer"]["max_abs_diff_prefill"] < 1e-4 and len(doc["context"]) == 2
         return
