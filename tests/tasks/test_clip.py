@@ -111,6 +111,17 @@ def test_fit_reinforced_then_zero_shot_and_retrieval(shards, tmp_path):
     assert 0.0 <= res["test/acc"] <= res["test/acc_top5"] <= 1.0
 
 
+def test_digits_teacher_data_augments_with_the_reinforce_steps_crops():
+    img, lab = cd.digits_split()["train"]
+    tok = functools.partial(zoo.get_tokenizer("mobileclip_s0"), context_length=16)
+    plain = cd.DigitsCaptionsDataset(img[:2], lab[:2], tok, 32)[0]["image"]
+    aug = cd.DigitsCaptionsDataset(img[:2], lab[:2], tok, 32, seed=3, augment=True)
+    a, b = aug[0]["image"], aug[0]["image"]
+    assert a.shape == plain.shape == (3, 32, 32) and not torch.equal(a, b)  # a new crop per access
+    assert (a - plain).abs().max() > 0.05
+    assert cd.DigitsCLIPDataModule(augment=True).augment
+
+
 def test_zero_shot_image_folder_and_openai_metadata(tmp_path):
     from PIL import Image
 

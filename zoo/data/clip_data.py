@@ -232,19 +232,24 @@ def replay_augmentation(img: torch.Tensor, params: Sequence, size: int, interpol
 
 class DigitsCaptionsDataset(Dataset):
     """Digit images (3 x size x size, [0, 1]) with a tokenized ground-truth caption (and, with ``synthetic``, a random
-    synthetic one), for plain CLIP training; retrieval pairs for evaluation when ``retrieval=True``."""
+    synthetic one), for plain CLIP training; retrieval pairs for evaluation when ``retrieval=True``. ``augment``:
+    a random-resized crop per access, drawn as the reinforce step draws its stored ones."""
 
-    def __init__(self, images, labels, tokenizer, size: int, synthetic: bool = True, seed: int = 0):
+    def __init__(self, images, labels, tokenizer, size: int, synthetic: bool = True, seed: int = 0,
+                 augment: bool = False):
         self.images, self.labels = torch.as_tensor(images), torch.as_tensor(labels)
         self.tok, self.size, self.synthetic = tokenizer, size, synthetic  # tokenizer: texts -> (N, context) ids
-        self.rng = random.Random(seed)
+        self.rng, self.augment = random.Random(seed), augment
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, i):
         gt, syn = digit_captions(int(self.labels[i]), i)
-        item = {"image": to_model_pixels(self.images[i:i + 1], self.size)[0], "text": self.tok(gt)[0]}
+        img = to_model_pixels(self.images[i:i + 1], self.size)[0]
+        if self.augment:
+            img = replay_augmentation(img, random_crop_params(self.size, self.size, self.rng), self.size)
+        item = {"image": img, "text": self.tok(gt)[0]}
         if self.synthetic:
             item["syn_text"] = self.tok(self.rng.choice(syn))[0]
         return item
@@ -253,11 +258,13 @@ class DigitsCaptionsDataset(Dataset):
 class DigitsCLIPDataModule(L.LightningDataModule):
     """Embedded image-caption pairs from sklearn's digits. Train: ``{"image", "text", "syn_text"}`` dicts (plain CLIP,
     e.g. the teacher). Val/test: zero-shot ``(image, label)`` batches with ``classnames`` = digit words, and on test a
-    second loader of retrieval pairs (recall@k)."""
+    second loader of retrieval pairs (recall@k). ``augment``: random-resized crops of the training images (the
+    teacher's setting: a teacher that never saw crops embeds the reinforce step's stored crops poorly)."""
 
     def __init__(self, model_name: str = "mobileclip_s0", image_size: int = 32, batch_size: int = 64, seed: int = 0,
-                 num_workers: int = 0, context_length: int = 77):
+                 num_workers: int = 0, context_length: int = 77, augment: bool = False):
         super().__init__()
+        self.augment = augment
         self.model_name, self.image_size, self.batch_size, self.seed = model_name, image_size, batch_size, seed
         self.num_workers, self.context_length = num_workers, context_length
         self.classnames, self.templates = list(DIGIT_WORDS), list(DIGIT_TEMPLATES)
@@ -272,7 +279,8 @@ class DigitsCLIPDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         img, lab = self.splits["train"]
-        ds = DigitsCaptionsDataset(img, lab, self.tokenizer, self.image_size, seed=self.seed)
+        ds = DigitsCaptionsDataset(img, lab, self.tokenizer, self.image_size, seed=self.seed,
+                                   augment=getattr(self, "augment", False))
         g = torch.Generator().manual_seed(self.seed)
         return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=g,
                           num_workers=self.num_workers)
