@@ -621,7 +621,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= 65536 and not torch.is_grad_enabled():  # decode: one call instead of ~10 small ops
+        # a decode step ([B, 1, ...]: one token per row): one call instead of ~10 small ops; prefills keep the
+        # stock ops (their sums run in another order, and transformers parity stays bitwise)
+        if x.dim() >= 3 and x.shape[1] == 1 and x.numel() <= 65536 and not torch.is_grad_enabled():
             y = _gemv.rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y
