@@ -248,6 +248,8 @@ def test_docs_show_commands_and_each_has_a_rule():
     sources = {s for s, _ in cmds}
     assert "README.md" in sources and "data/README.md" in sources and any(s.startswith("recipes/") for s in sources)
     assert any(c.startswith("zoo fit -c quickstart") for _, c in cmds)
+    # the README's export of a training output is where a deploy.safetensors export is checked for its size
+    assert any(c.startswith("zoo export ") and _is_file_arg(_words(c)[2:3]) for _, c in cmds)
     for _, c in cmds:
         plan(c)  # raises for a command without a rule
 
@@ -329,6 +331,23 @@ def _run_one(source, cmd, how, argv, failures, extras, make_targets, monkeypatch
     rc, out, err = _zoo(args)
     if rc != 0:
         failures.append(f"{source}: {cmd}\n  ran: zoo {shlex.join(args)}\n  rc {rc}: {(err or out)[-1500:]}")
+    elif args[0] == "export" and _is_file_arg(args[1:2]):
+        _check_exported_training_output(source, cmd, args, failures)
+
+
+def _check_exported_training_output(source, cmd, args, failures) -> None:
+    """`zoo export <training output> -o X`: X takes the input size the run trained at, recorded in the file (the
+    quickstart trains at 32 px, its architecture's default is 224). tests/test_training.py checks the same for a
+    last.ckpt; this covers the deploy.safetensors the README exports."""
+    import onnx
+
+    from zoo.deploy import load_trained_model
+
+    out = Path(args[args.index("-o") + 1])
+    trained = list(load_trained_model(args[1]).pretrained_cfg["input_size"])
+    dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim[1:]]
+    if dims != trained:
+        failures.append(f"{source}: {cmd}: exported at {dims}, trained at {trained}")
 
 
 def test_license_and_citation():
