@@ -304,6 +304,9 @@ def main(argv=None) -> int:
     decode_rows, prefill_rows, batch_rows = [], [], []
     res: dict = {"params": sum(p.numel() for p in ours.parameters())}
     t_start = time.time()
+    from zoo.bench import LoadSampler
+
+    sampler = LoadSampler().__enter__()  # the load during the measurements goes into the results file
     for dt_name in args.dtypes:
         if dt_name == "bf16":
             ours.to(torch.bfloat16)
@@ -335,7 +338,8 @@ def main(argv=None) -> int:
                                     f"x{med['eager'] / s:.2f}",
                                     f"x{med['transformers'] / s:.2f}" if "transformers" in med else "-"])
                 res[f"decode_{dt_name}_{ctx}_{path}_{th}t"] = {"tok_s": 1 / s, "bound_tok_s": bound,
-                                                               "bw_GBs": bws[th] / 1e9, "bytes_per_token": bytes_tok}
+                                                               "bw_GBs": bws[th] / 1e9, "bytes_per_token": bytes_tok,
+                                                               "load_average": round(os.getloadavg()[0], 2)}
             print(f"decode {dt_name} ctx {ctx}: " + ", ".join(
                 f"{k} {1 / v:.2f} tok/s ({100 / v / (bws[extra.get(k, args.threads[0])] / bytes_tok):.0f}%)"
                 for k, v in med.items()) + " | bound " + ", ".join(
@@ -380,6 +384,7 @@ def main(argv=None) -> int:
             del runners["transformers"]
             ref = None  # free transformers' copy before the low-precision runs
     res["seconds"] = round(time.time() - t_start)
+    sampler.__exit__(None, None, None)
     if args.rss:
         _rss(args, res)
     load_end = os.getloadavg()
@@ -411,7 +416,7 @@ def main(argv=None) -> int:
                  "read_bandwidth_GBs": {str(t): [round(b / 1e9, 2) for b in v]
                                         for t, v in limits.bw_by_threads.items()},
                  "gemm_peak_GFLOPs": {str(k): [round(g / 1e9, 1) for g in v] for k, v in limits.gemm.items()},
-                 "summary": summary, "figures": res}, notes=notes)
+                 "summary": summary, "figures": res}, notes=notes, load=sampler.summary())
     print(f"wrote {path}")
     return 0
 
