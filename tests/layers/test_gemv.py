@@ -62,9 +62,10 @@ def test_rows_do_not_depend_on_threads_or_on_the_rows_around_them(kernel):
     """What makes packed projections and multi-threaded decoding exact: row r of a product is the same bits alone,
     inside a bigger (packed) matrix, and at 1 or 2 threads."""
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(600, 1024, generator=g), torch.randn(1, 1024, generator=g)  # 2.4 MB: split at 2 threads
-    q = torch.randint(-127, 128, (600, 1024), dtype=torch.int8, generator=g)
-    s = torch.rand(600, generator=g).bfloat16()
+    n = 2200  # int8 2.2 MB, bf16 4.5 MB, fp32 9 MB: every kind is split at 2 threads (>= 1 MiB per thread)
+    w, x = torch.randn(n, 1024, generator=g), torch.randn(1, 1024, generator=g)
+    q = torch.randint(-127, 128, (n, 1024), dtype=torch.int8, generator=g)
+    s = torch.rand(n, generator=g).bfloat16()
     outs = []
     with torch.inference_mode():
         for threads in (1, 2):

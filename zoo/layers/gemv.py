@@ -317,7 +317,8 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
     }
     job_t j = {wkind, sbf, ybf, (const char *)w, xf, s, y, k};
     int64_t es = wkind == 0 ? 4 : wkind == 1 ? 2 : 1;
-    int64_t per = (int64_t)1 << 19; /* at least 512 KiB of weights per thread: waking a worker costs ~10-100 us */
+    int64_t per = (int64_t)1 << 20; /* at least 1 MiB of weights per thread: a 2-thread call cost 40-95 us more than
+                                        a 1-thread one on a 1 MiB matrix at load ~14 (waking / waiting for a worker) */
     int64_t parts = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
     if (parts > (n * k * es) / per) parts = (n * k * es) / per;
     if (parts > n) parts = n;
