@@ -1,5 +1,6 @@
 """FastViT / MCi0-4 / FastViTHD: exact parameter counts, parity with timm in training and deploy form, exact
 reparameterization, converters for Apple's layouts, features_only, FastViTHD visual tokens, ONNX export."""
+import functools
 import re
 
 import pytest
@@ -33,6 +34,14 @@ TIMM_VARIANTS = sorted(OFFICIAL_PARAMS) + sorted(MCI_PARAMS_M)
 
 def _count(m):
     return sum(p.numel() for p in m.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def _meta(name, **kw):
+    """A full-size variant on the meta device, built once per module: the count, key and feature-info tests only
+    read it (a meta build still runs every init on meta kernels: 0.3-0.7 s for the big variants)."""
+    with torch.device("meta"):
+        return fv.__dict__[name](**kw)
 
 
 def _randomize(model, seed=0):
@@ -72,8 +81,8 @@ def test_fastvit_param_counts_equal_official(name):
 
 @pytest.mark.parametrize("name", sorted(MCI_PARAMS_M))
 def test_mci_param_counts_and_keys_equal_timm(name):
+    ours, ours_d = _meta(name), _meta(name, deploy=True)
     with torch.device("meta"):
-        ours, ours_d = fv.__dict__[name](), fv.__dict__[name](deploy=True)
         ref = timm.create_model(name, num_classes=ours.num_classes)
         ref_d = timm.create_model(name, num_classes=ours.num_classes, inference_mode=True)
     assert (_count(ours), _count(ours_d)) == (_count(ref), _count(ref_d))
@@ -84,16 +93,15 @@ def test_mci_param_counts_and_keys_equal_timm(name):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PARAMS))
 def test_fastvit_keys_equal_timm_in_both_forms(name):
+    ours, ours_d = _meta(name), _meta(name, inference_mode=True)  # Apple/timm spelling
     with torch.device("meta"):
-        ours, ours_d = fv.__dict__[name](), fv.__dict__[name](inference_mode=True)  # Apple/timm spelling
         ref, ref_d = timm.create_model(name), timm.create_model(name, inference_mode=True)
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
     assert {k: v.shape for k, v in ours_d.state_dict().items()} == {k: v.shape for k, v in ref_d.state_dict().items()}
 
 
 def test_fastvithd_matches_official_count_and_mci3_layout():
-    with torch.device("meta"):
-        hd, hd_train, mci3 = fv.fastvithd(), fv.fastvithd(deploy=False), fv.fastvit_mci3()
+    hd, hd_train, mci3 = _meta("fastvithd"), _meta("fastvithd", deploy=False), _meta("fastvit_mci3")
     assert _count(hd) == FASTVITHD_PARAMS  # built in deploy form, as ml-fastvlm does
     assert _count(hd_train) == _count(mci3) - 768  # MCi3 + a bias-free projection
     assert [i["reduction"] for i in hd.feature_info] == [4, 8, 16, 32, 64]
@@ -409,8 +417,7 @@ def test_features_only_every_stage(name):
         full = zoo.create_model(name, features_only=True)
     n = 5 if name in ("fastvit_mci3", "fastvit_mci4", "fastvithd") else 4
     assert full.feature_info.reduction() == [4, 8, 16, 32, 64][:n]  # stride 64 included, as ml-fastvlm
-    with torch.device("meta"):
-        widths = fv.__dict__[name]().feature_info
+    widths = _meta(name).feature_info
     assert full.feature_info.channels() == [i["num_chs"] for i in widths]
 
 
