@@ -2,6 +2,7 @@
 matching, loss input checks, post-processing, deploy form and ONNX export."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -31,10 +32,23 @@ def _n(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+@functools.lru_cache(maxsize=None)
+def _meta_detector(arch: str) -> SSDLiteMobileDet:
+    """The full-size detector on the meta device, built once for the count / MAC / shape tests that only read it."""
+    with torch.device("meta"):
+        return zoo.create_model(f"ssdlite_mobiledet_{arch}").eval()  # 90 classes -> 91 slots, as the COCO configs
+
+
+@functools.lru_cache(maxsize=None)
+def _meta_backbone(arch: str) -> MobileDet:
+    with torch.device("meta"):
+        return MobileDet(arch, num_classes=0)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_parameter_counts_equal_reference(arch):
+    det = _meta_detector(arch)
     with torch.device("meta"):
-        det = zoo.create_model(f"ssdlite_mobiledet_{arch}")  # 90 classes -> 91 slots, as the COCO configs
         backbone = zoo.create_model(f"mobiledet_{arch}", num_classes=0)
     bb, extra, heads, total, with_stats = REFERENCE[arch]
     assert _n(backbone) == bb
@@ -55,8 +69,7 @@ GMACS = {"cpu": (0.45, 0.444), "edgetpu": (1.53, 1.533), "dsp": (2.82, 2.816), "
 def test_gmacs_at_320_equal_config_header(arch):
     from zoo.bench import count_gmacs
 
-    with torch.device("meta"):
-        det = zoo.create_model(f"ssdlite_mobiledet_{arch}").eval()
+    det = _meta_detector(arch)
     gmacs = count_gmacs(det, torch.empty(1, 3, 320, 320, device="meta"))
     header, ours = GMACS[arch]
     assert round(gmacs, 3) == ours
@@ -65,8 +78,8 @@ def test_gmacs_at_320_equal_config_header(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_feature_maps_at_320(arch):
+    det = _meta_detector(arch)
     with torch.device("meta"):
-        det = zoo.create_model(f"ssdlite_mobiledet_{arch}").eval()
         feats = det.forward_features(torch.empty(1, 3, 320, 320))
         cls, box = det(torch.empty(2, 3, 320, 320))
     c4, c5 = C4_C5[arch]
@@ -86,8 +99,7 @@ def test_scale_filters_rounds_half_up_to_multiples_of_8():
 
 
 def test_block_semantics_of_the_cpu_variant():
-    with torch.device("meta"):
-        m = MobileDet("cpu", num_classes=0)
+    m = _meta_backbone("cpu")
     acts = {type(x) for x in m.modules() if isinstance(x, (nn.ReLU, nn.ReLU6, nn.Hardswish))}
     assert acts == {nn.Hardswish}  # hard-swish everywhere, stem included (SE too)
     c4 = list(m.stages[3])
@@ -101,8 +113,7 @@ def test_block_semantics_of_the_cpu_variant():
 
 @pytest.mark.parametrize("arch", ("edgetpu", "dsp", "gpu"))
 def test_other_variants_use_relu6_without_se(arch):
-    with torch.device("meta"):
-        m = MobileDet(arch, num_classes=0)
+    m = _meta_backbone(arch)
     assert not any(isinstance(x, nn.Hardswish) for x in m.modules())
     assert not any(type(x).__name__ == "SEModule" for x in m.modules())
     kinds = {type(b) for s in m.stages for b in s}
@@ -110,13 +121,11 @@ def test_other_variants_use_relu6_without_se(arch):
 
 
 def test_tucker_ranks_and_block_counts():
-    with torch.device("meta"):
-        m = MobileDet("edgetpu", num_classes=0)
+    m = _meta_backbone("edgetpu")
     t = m.stages[0][0]  # T(16, 0.25, 0.75) after a 32-channel stem
     assert (t.conv_in.conv.out_channels, t.conv_mid.conv.out_channels, t.conv_out.conv.out_channels) == (8, 16, 16)
     for arch, spec in ARCH_SPECS.items():
-        with torch.device("meta"):
-            mm = MobileDet(arch, num_classes=0)
+        mm = _meta_backbone(arch)
         assert [len(s) for s in mm.stages] == [len(s) for s in spec["stages"]]
         assert [f["reduction"] for f in mm.feature_info] == [2, 4, 8, 16, 32]
 
