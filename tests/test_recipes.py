@@ -162,6 +162,25 @@ TINY_MODEL_RULES["mobileclip_b"] = [
     "text_args: {width: 32, heads: 2, layers: 1}}"]
 
 
+# model_name -> model_args merged over the recipe's own (so the recipe's keys still reach the model constructor):
+# LFM2-350M's two full-size AdamW steps cost ~15 s of CPU; the recipe's optimizer, schedule and data run the same
+# on two layers of each kind (conv, attention)
+TINY_MODEL_ARGS = {
+    "lfm2_350m": dict(hidden_size=64, layer_types=["conv", "full_attention"], num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=128, block_auto_adjust_ff_dim=False),
+}
+
+
+def _tiny_model_args(cfg: dict) -> list[str]:
+    init = cfg.get("model", {}).get("init_args", {})
+    tiny = TINY_MODEL_ARGS.get(init.get("model_name"))
+    if tiny is None:
+        return []
+    import json
+
+    return [f"--model.init_args.model_args={json.dumps({**(init.get('model_args') or {}), **tiny})}"]
+
+
 def _is_lightning_recipe(cfg: dict) -> bool:
     return isinstance(cfg, dict) and ("model" in cfg or "trainer" in cfg)
 
@@ -184,6 +203,7 @@ def test_recipe_runs_two_batches(recipe, tmp_path, monkeypatch):
     assert data_cls in TINY_DATA_RULES, f"no tiny-data rule for {data_cls} (recipe {recipe}); add one above"
     monkeypatch.chdir(tmp_path)
     model_rule = TINY_MODEL_RULES.get(cfg.get("model", {}).get("init_args", {}).get("model_name"), [])
+    model_rule = model_rule + _tiny_model_args(cfg)
     data_args = TINY_DATA_RULES[data_cls](tmp_path)
     data_args += _small_crop_args(data_cls, cfg.get("model", {}).get("init_args", {}).get("model_name"))
     before = set(tmp_path.rglob("*"))
