@@ -171,7 +171,10 @@ def render_results_table(file: str, table: str) -> str:
         how += f", load average {'-'.join(f'{x:g}' for x in la) if transcribed else format(la[0], '.1f')}"
     if transcribed:
         how += f"; transcribed: {doc.get('transcribed_from', 'an earlier single run, origin not recorded')}"
-    lines += ["", f"<sub>Source: `benchmarks/results/{file}` ({how}).</sub>"]
+    # every results table is a single measurement: say so, and whether it was re-run or copied from an older card
+    what = "Copied from an earlier single run (not re-run; not asserted by a test)" if transcribed else \
+        "Measured once (not asserted by a test)"
+    lines += ["", f"<sub>{what}. Source: `benchmarks/results/{file}` ({how}).</sub>"]
     return "\n".join(lines) + "\n"
 
 

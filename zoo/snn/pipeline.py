@@ -447,7 +447,7 @@ def results_tables(res: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def write_results_file(path: str | Path, res: dict[str, Any], out: Path, command: str,
-                       load: dict | None = None) -> Path:
+                       load: dict | None = None, notes: str = "") -> Path:
     """``res`` as a results file (``zoo.bench.write_results``: command, date, machine, versions, load)."""
     from zoo.bench import write_results
 
@@ -458,7 +458,7 @@ def write_results_file(path: str | Path, res: dict[str, Any], out: Path, command
             "stages": [{k: v for k, v in s.items() if k not in ("thresholds", "leaks")} for s in res["stages"]]}
     return write_results(path, results_tables(res), command=command, settings={"out": str(out), "torch_threads": torch.get_num_threads()}, load=load, data=data,
                          notes="test split of the embedded digits (359 images), best-validation weights of each stage; "
-                               "stage wall times as each stage measured them")
+                               "stage wall times as each stage measured them" + (f"; {notes}" if notes else ""))
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
@@ -519,7 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     res = {"stages": stages, **_report(out, args.snn, schedule, (0.5, 0.7, 0.8, 0.9, 0.95, 0.99), onnx=schedule[-1] == 1)}
     print(format_report(res))
     if args.results:  # the stages' wall times are those of the pipeline run; the load at that time is not known here
-        print(f"wrote {write_results_file(args.results, res, out, command)}")
+        dates = sorted(time.strftime("%Y-%m-%d %H:%M", time.gmtime((out / n / "metrics.json").stat().st_mtime))
+                       for n in names)
+        note = (f"stages trained by `zoo snn pipeline --out {out}` (finished {dates[0]} to {dates[-1]} UTC); the load "
+                "during that run is not recorded here, the load average is the report's")
+        print(f"wrote {write_results_file(args.results, res, out, command, notes=note)}")
     return 0
 
 
