@@ -14,6 +14,10 @@ alike. Ratios < 1 mean ours is faster. Targets: ours train / open_clip <= 1 (no 
 
     python benchmarks/bench_mobileclip.py                                   # mobileclip2_s0, batch 1, 1 thread
     python benchmarks/bench_mobileclip.py --models mobileclip_s1 mobileclip2_s0 --batch-size 4 --json out.json
+    python benchmarks/bench_mobileclip.py --tiny --rounds 1 --per-round 1 --warmup 0      # smoke run
+
+``--tiny`` (smoke runs; figures meaningless): both models get one block per image stage (FastViT/MCi towers) and one
+text layer with a 1000-token vocabulary, at the real widths and image size.
 """
 from __future__ import annotations
 
@@ -53,26 +57,54 @@ def interleaved(fns: dict, rounds: int, per_round: int, warmup: int) -> dict[str
     return {k: {"median_ms": statistics.median(v), "p90_ms": sorted(v)[int(0.9 * (len(v) - 1))]} for k, v in times.items()}
 
 
-def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int) -> list[dict]:
-    import onnxruntime as ort
+TINY_TEXT = dict(layers=1, vocab_size=1000)
+
+
+def tiny_image_args(name: str) -> dict:
+    if not mc._VARIANTS[name]["image"].startswith("fastvit"):
+        raise SystemExit(f"--tiny: {name} has a ViT image tower; --tiny covers the FastViT/MCi variants")
+    return dict(layers=(1,) * (5 if mc._VARIANTS[name]["image"] in ("fastvit_mci3", "fastvit_mci4") else 4))
+
+
+def open_clip_model(name: str, tiny: bool):
+    """open_clip's model; ``tiny``: the reduced depths (its TimmModel passes no depth to timm, so the timm factory it
+    calls gets them added while it builds) and the one-layer text tower."""
     import open_clip
+    import open_clip.timm_model as otm
+
+    if not tiny:
+        return open_clip.create_model(mc.OPEN_CLIP_NAMES[name])
+    cfg = open_clip.get_model_config(mc.OPEN_CLIP_NAMES[name])
+    create = otm.timm.create_model
+    otm.timm.create_model = lambda *a, **kw: create(*a, **{**kw, **tiny_image_args(name)})
+    try:
+        return open_clip.create_model(mc.OPEN_CLIP_NAMES[name], text_cfg={**cfg["text_cfg"], **TINY_TEXT})
+    finally:
+        otm.timm.create_model = create
+
+
+def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int, tiny: bool = False) -> list[dict]:
+    import onnxruntime as ort
     from timm.utils.model import reparameterize_model
 
     torch.manual_seed(0)
-    ref = open_clip.create_model(mc.OPEN_CLIP_NAMES[name]).eval()
+    ref = open_clip_model(name, tiny).eval()
     randomize_bn(ref)
     if name in ("mobileclip_s1", "mobileclip_s2"):
         torch.nn.init.zeros_(ref.visual.trunk.head.fc.bias)  # Apple's v1 projection is bias-free
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "w.safetensors"
         save_file(ref.state_dict(), path)
-        ours = zoo.create_model(name, checkpoint_path=path).eval()
+        kw = dict(image_args=tiny_image_args(name), text_args=TINY_TEXT) if tiny else {}
+        ours = zoo.create_model(name, checkpoint_path=path, **kw).eval()
         deploy = reparameterize(ours)
         onnx = mc.export_onnx(ours, tmp)
         sess = {k: ort.InferenceSession(v, providers=["CPUExecutionProvider"]) for k, v in onnx.items()}
-    size = ours.visual.image_size
+    size = ours.visual.image_size  # the ONNX files are exported at it
     image = torch.rand(batch, 3, size, size)
     text = zoo.get_tokenizer(name)(["a photo of a cat on a sofa"] * batch)
+    if tiny:  # ids of the small vocabulary, ending in its largest id (the end-of-text token)
+        text = torch.where(text == text.max(), ours.vocab_size - 1, text % (ours.vocab_size - 1))
     ref_rep = reparameterize_model(ref) if mc._VARIANTS[name]["image"].startswith("fastvit") else None
     with torch.no_grad():  # same weights, same outputs
         err_i = (ours.encode_image(image) - ref.encode_image(image)).abs().max().item()
@@ -93,6 +125,8 @@ def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int)
         for k, v in res.items():
             rows.append({"model": name, "encoder": enc, "runtime": k, **v, "ratio_vs_open_clip": v["median_ms"] / base})
     print(f"{name}: max |ours - open_clip| image {err_i:.2e} (deploy {err_d:.2e}), text {err_t:.2e}")
+    for r in rows:
+        r.update(max_abs_diff_image=err_i, max_abs_diff_image_deploy=err_d, max_abs_diff_text=err_t)
     return rows
 
 
@@ -105,13 +139,14 @@ def main(argv=None) -> int:
     p.add_argument("--per-round", type=int, default=3)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--tiny", action="store_true", help="smoke run: one block per image stage, one text layer")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.models:
         if name not in mc.OPEN_CLIP_NAMES:
             raise SystemExit(f"{name}: open_clip does not define it; choose from {', '.join(mc.OPEN_CLIP_NAMES)}")
-        rows += bench_model(name, a.batch_size, a.rounds, a.per_round, a.warmup)
+        rows += bench_model(name, a.batch_size, a.rounds, a.per_round, a.warmup, a.tiny)
     print(f"\nbatch {a.batch_size}, {a.threads} thread(s); median / p90 ms; ratio = median / open_clip median")
     print(f"{'model':<16} {'enc':<6} {'runtime':<18} {'median':>8} {'p90':>8} {'ratio':>6}")
     for r in rows:

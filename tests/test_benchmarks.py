@@ -24,26 +24,66 @@ SMOKE = {  # script -> smallest arguments it has
     "bench_fmvit.py": ["--models", "fmvit_tiny", "--batch-sizes", "1", "--image-size", "32", "--threads", "1",
                        "--warmup", "0", "--rounds", "1", "--per-round", "1"],
     "bench_startup.py": ["--repeat", "1", "--cases", "zoo --help", "import zoo"],
-    # bench_pp_mobileseg.py (two full-size dynamo exports, ~37 CPU-s at 64 px) and bench_mobileclip.py (open_clip's
-    # full model) have no size option small enough for the suite's budget yet
+    # the family's reduced test depths (SmallCfg), 64 px: both variants exported and timed once
+    "bench_pp_mobileseg.py": ["--tiny", "--models", "pp_mobileseg_tiny", "--size", "64", "--iters", "1",
+                              "--warmup", "0", "--threads", "1"],
+    # open_clip's MobileCLIP2-S0 and ours, one block per image stage and one text layer, on the same weights
+    "bench_mobileclip.py": ["--tiny", "--models", "mobileclip2_s0", "--rounds", "1", "--per-round", "1",
+                            "--warmup", "0", "--threads", "1"],
+    # the doclayout-yolo package's model and ours at 1/8 width, 64 px (84 anchors: top 50 kept)
+    "bench_doclayout_yolo.py": ["--tiny", "--size", "64", "--max-det", "50", "--batch-sizes", "1", "--iters", "1",
+                                "--warmup", "0", "--threads", "1"],
     # a random tiny IIR-SNN at 16 px: quantized (2 calibration batches), parity report, interleaved timing, profile
     "bench_int8.py": ["--tiny", "--calib-batches", "2", "--rounds", "1", "--calls", "2", "--threads", "1"],
 }
+# scripts that also write their MODEL_CARD tables with --results (zoo.bench.write_results)
+RESULTS = {"bench_nextvit.py": ["threads1"], "bench_fastvit.py": ["median", "ratios"]}
 
 
 @pytest.mark.parametrize("script", sorted(SMOKE))
 def test_benchmark_script_smoke(script, tmp_path):
-    out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *SMOKE[script], "--json", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    out, results = tmp_path / "out.json", tmp_path / "results.json"
+    extra = ["--results", str(results)] if script in RESULTS else []
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *SMOKE[script], "--json", str(out),
+                           *extra], capture_output=True, text=True, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc, script
+    if script in RESULTS:  # the card's tables, with how they were made
+        res = json.loads(results.read_text())
+        assert sorted(res["tables"]) == sorted(RESULTS[script]) and res["provenance"] == "measured"
+        assert res["machine"]["load_during_run"]["samples"] >= 1 and res["data"]["results"] == doc["results"]
+        assert all(len(r) == len(t["columns"]) for t in res["tables"].values() for r in t["rows"])
+        results.unlink()
+    if script == "bench_pp_mobileseg.py":  # both variants exported, parity-checked at batch 2 and timed
+        (row,) = doc
+        assert row["model"] == "pp_mobileseg_tiny" and min(row["onnx_vs_eager_batch2"].values()) > 0.99
+        assert all(row[f"{rt} {v} ms"] > 0 for rt in ("eager", "onnxruntime", "stage")
+                   for v in ("vim", "bilinear+argmax"))
+        assert row["label_agreement"] > 0.5  # mostly the same labels (a tiny random model at 64 px: not all)
+        assert list(tmp_path.iterdir()) == [out]
+        return
+    if script == "bench_mobileclip.py":  # ours == open_clip on the same weights, every runtime of both encoders
+        assert {(r["encoder"], r["runtime"]) for r in doc["rows"]} == {
+            (e, rt) for e in ("image", "text") for rt in ("open_clip", "ours train", "ours deploy", "ours onnxruntime")
+        } | {("image", "open_clip reparam")}
+        assert all(r["median_ms"] > 0 and r["max_abs_diff_image"] < 1e-4 and r["max_abs_diff_image_deploy"] < 1e-4
+                   and r["max_abs_diff_text"] < 1e-4 for r in doc["rows"])
+        assert list(tmp_path.iterdir()) == [out]
+        return
     if script == "bench_int8.py":  # a results file: int8 vs fp32 agreement, both timed at batch 1 and 8, profiled
         (row,) = doc["tables"]["int8"]["rows"]
         assert row[0] == "tiny snn" and row[5] >= 90 and all(row[i] > 0 for i in (6, 7, 8, 9, 10, 11))
         (detail,) = doc["settings"]["details"]
         assert detail["calibration_images"] == 16 and detail["profile"] and doc["provenance"] == "measured"
+        assert list(tmp_path.iterdir()) == [out]
+        return
+    if script == "bench_doclayout_yolo.py":  # a results file: same detections as the package, timed
+        assert doc["provenance"] == "measured" and doc["settings"]["batch_sizes_done"] == [1]
+        diffs = doc["settings"]["max_abs_diff_vs_ours"]
+        assert set(diffs) == {"ref predict", "ref export-mode", "ours onnxruntime (batch 3)"}
+        assert all(d["scores"] < 1e-3 and d["boxes"] < 1e-2 for d in diffs.values()), diffs
+        assert all(isinstance(c, float) and c > 0 for r in doc["tables"]["latency"]["rows"][:4] for c in r[1:])
         assert list(tmp_path.iterdir()) == [out]
         return
     if script == "bench_nemotron_flash.py":  # ours == transformers' Mamba2 on the same weights; both context rows
