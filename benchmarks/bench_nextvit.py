@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="nextvit_small")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--threads", type=int, nargs="+", default=[2], help="intra-op thread counts, timed one after the other")
+    p.add_argument("--threads", type=int, nargs="+", default=[2],
+                   help="intra-op thread counts, timed one after the other")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds (each times every variant)")
     p.add_argument("--per-round", type=int, default=5, help="timed calls per variant per round (batch 1)")
@@ -138,7 +139,8 @@ def main(argv=None) -> int:
 
     print(f"\n{args.model} at {args.image_size}x{args.image_size}, torch {torch.__version__}, "
           f"CPU ({bench.environment()['processor']}, {bench.environment()['cpu_count']} cores)")
-    print(f"{'variant':<18} {'threads':>7} {'batch':>5} {'median ms':>10} {'p90 ms':>8} {'img/s':>8} {'max|d| vs timm':>15}")
+    print(f"{'variant':<18} {'threads':>7} {'batch':>5} {'median ms':>10} {'p90 ms':>8} {'img/s':>8} "
+          f"{'max|d| vs timm':>15}")
     for r in results:
         print(f"{r['variant']:<18} {r['threads']:>7} {r['batch_size']:>5} {r['median_ms']:>10.2f} {r['p90_ms']:>8.2f} "
               f"{r['throughput']:>8.1f} {r['max_abs_diff_vs_timm']:>15.2e}")

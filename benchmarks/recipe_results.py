@@ -81,7 +81,7 @@ def resolve(source: str, run: dict[str, Any]) -> Any:
     """The value of one ``--metric`` SOURCE for a finished run (see the module docstring)."""
     if " / " in source:
         a, b = (resolve(s.strip(), run) for s in source.split(" / ", 1))
-        return round(a / b, 3)
+        return round(a / b, 3) if b else None  # rendered "-"
     for prefix, obj in (("data.", run["_data"]), ("trainer.", run["_trainer"])):
         if source.startswith(prefix):
             value = getattr(obj, source[len(prefix):], None)

@@ -456,7 +456,8 @@ def write_results_file(path: str | Path, res: dict[str, Any], out: Path, command
                                       for n, r in (res.get("efficiency") or {}).items()},
             "dynamic_confidence": dc, "onnx": res.get("onnx"),
             "stages": [{k: v for k, v in s.items() if k not in ("thresholds", "leaks")} for s in res["stages"]]}
-    return write_results(path, results_tables(res), command=command, settings={"out": str(out), "torch_threads": torch.get_num_threads()}, load=load, data=data,
+    return write_results(path, results_tables(res), command=command,
+                         settings={"out": str(out), "torch_threads": torch.get_num_threads()}, load=load, data=data,
                          notes="test split of the embedded digits (359 images), best-validation weights of each stage; "
                                "stage wall times as each stage measured them" + (f"; {notes}" if notes else ""))
 
