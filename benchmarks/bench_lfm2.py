@@ -66,6 +66,9 @@ class Limits:
 
     def __init__(self, max_bytes: int, hidden: int, ffn: int, m: int):
         self.buf = torch.ones(max_bytes // 4 + 1)
+        from zoo.layers.gemv import use_hugepages
+
+        use_hugepages(self.buf)  # 2 MiB pages like the weights the kernels read (zoo.layers.gemv): a fair bound
         self.mats = {dt: (torch.randn(m, hidden).to(dt), torch.randn(hidden, ffn).to(dt))
                      for dt in (torch.float32, torch.bfloat16)}
         self.bw: list[float] = []  # every sample, in order

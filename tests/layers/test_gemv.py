@@ -182,3 +182,14 @@ def test_rope_kernel_matches_the_module_ops(kernel, dtype):
     with torch.inference_mode():
         assert torch.equal(gemv.rope(x, cos, sin), want)
         assert torch.equal(gemv.rope(x[:1], cos[:1], sin[:1]), want[:1])
+
+
+def test_hugepages_keep_the_weights_and_their_products(kernel):
+    w = torch.randn(2048, 1024)  # 8 MB: whole 2 MiB pages inside
+    x, before = torch.randn(1, 1024), w.clone()
+    with torch.inference_mode():
+        y = F.linear(x, w)
+        gemv.use_hugepages(w)
+        gemv.use_hugepages(w)  # once per tensor
+        assert torch.equal(w, before)
+        torch.testing.assert_close(gemv.linear(x, w), y, rtol=1e-5, atol=1e-4)
