@@ -41,7 +41,8 @@ _GEMV_C = r"""
 #include <stdatomic.h>
 #include <math.h>
 
-#define PF 768 /* bytes the software prefetch runs ahead of the row stream */
+#define PF 2048 /* bytes the software prefetch runs ahead of the row stream (fp32 over 2 MiB pages, CPU time: 15.0 GB/s
+                   at 768, 18.1 at 2048, 18.6 at 4096; int8 9.7 / 10.6 / 9.0) */
 
 static inline __m512 ld_f32(const void *p) { return _mm512_loadu_ps(p); }
 static inline __m512 ld_bf16(const void *p) {
@@ -487,7 +488,7 @@ def _call(kind: int, weight: torch.Tensor, x: torch.Tensor, scale: torch.Tensor 
     xv = x.reshape(-1)
     if not xv.is_contiguous():
         xv = xv.contiguous()
-    if weight.numel() * weight.element_size() >= 4 << 20:
+    if weight.numel() * weight.element_size() >= 2 << 20:
         use_hugepages(weight)
     y = torch.empty(weight.shape[0], dtype=out_dtype)
     fn(kind, weight.data_ptr(), xv.data_ptr(), int(x.dtype is torch.bfloat16),
