@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--tiny", action="store_true", help="1/8 width (smoke runs)")
     p.add_argument("--json", default=None)
+    p.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and onnxruntime (smoke runs)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime as ort
@@ -178,44 +179,51 @@ def main(argv=None) -> int:
     diffs = {k: topk_diff(outs["ours deploy"], outs[k]) for k in variants if k != "ours deploy"}
     print(json.dumps({"max_abs_diff_vs_ours": diffs}), flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        # exported at batch 2, checked below at batch 3 (tie-aware: zoo.deploy.export's own check compares positions)
-        path = export(ours, Path(tmp) / "doclayout.onnx", example_input=pages(2, args.size, 3), reparameterize=False,
-                      check=False)
-        export_s = time.perf_counter() - t0
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    x3 = pages(3, args.size, 5)
-    with torch.inference_mode():
-        diffs["ours onnxruntime (batch 3)"] = topk_diff(ours(x3), sess.run(None, {sess.get_inputs()[0].name: x3.numpy()}))
-    print(json.dumps({"max_abs_diff_vs_ours": diffs}), flush=True)
+    sess, export_s = None, None
+    if not args.no_onnx:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            # exported at batch 2, checked below at batch 3 (tie-aware: zoo.deploy.export's own check compares
+            # positions)
+            path = export(ours, Path(tmp) / "doclayout.onnx", example_input=pages(2, args.size, 3),
+                          reparameterize=False, check=False)
+            export_s = time.perf_counter() - t0
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        x3 = pages(3, args.size, 5)
+        with torch.inference_mode():
+            diffs["ours onnxruntime (batch 3)"] = topk_diff(ours(x3),
+                                                            sess.run(None, {sess.get_inputs()[0].name: x3.numpy()}))
+        print(json.dumps({"max_abs_diff_vs_ours": diffs}), flush=True)
 
     tables = {}
     rows = []
     for bs in args.batch_sizes:
         x = pages(bs, args.size, 11)
-        feed = {sess.get_inputs()[0].name: x.numpy()}
         fns = {k: (lambda m=m: m(x)) for k, m in variants.items()}
-        fns["ours onnxruntime"] = lambda: sess.run(None, feed)
+        if sess is not None:
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            fns["ours onnxruntime"] = lambda: sess.run(None, feed)
         with torch.inference_mode():
             med = interleaved(fns, args.warmup, args.iters)
         row = {"batch": bs, **{f"{k} ms": round(v, 1) for k, v in med.items()},
                "ours deploy / ref predict": round(med["ours deploy"] / med["ref predict"], 3),
-               "ours deploy / ref export-mode": round(med["ours deploy"] / med["ref export-mode"], 3),
-               "ours onnxruntime / ref predict": round(med["ours onnxruntime"] / med["ref predict"], 3)}
+               "ours deploy / ref export-mode": round(med["ours deploy"] / med["ref export-mode"], 3)}
+        if sess is not None:
+            row["ours onnxruntime / ref predict"] = round(med["ours onnxruntime"] / med["ref predict"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)
         cols = ["variant"] + [f"batch {r['batch']} (ms)" for r in rows]
-        names = ["ours deploy", "ours onnxruntime", "ref predict", "ref export-mode"]
+        names = [n for n in ("ours deploy", "ours onnxruntime", "ref predict", "ref export-mode") if n in fns]
         body = [[n] + [r[f"{n} ms"] for r in rows] for n in names]
         body += [[f"**{k}**"] + [f"**{r[k]}**" for r in rows] for k in
-                 ("ours deploy / ref predict", "ours deploy / ref export-mode", "ours onnxruntime / ref predict")]
+                 ("ours deploy / ref predict", "ours deploy / ref export-mode", "ours onnxruntime / ref predict")
+                 if k in row]
         tables["latency"] = {"columns": cols, "rows": body}
         settings = {"size": args.size, "threads": args.threads, "iters": args.iters, "warmup": args.warmup,
                     "num_classes": args.num_classes, "max_det": args.max_det, "tiny": args.tiny,
-                    "export_s": round(export_s, 1), "max_abs_diff_vs_ours": diffs,
+                    "export_s": None if export_s is None else round(export_s, 1), "max_abs_diff_vs_ours": diffs,
                     "batch_sizes_done": [r["batch"] for r in rows]}
         if args.json:  # after every batch size, so an interrupted run keeps what it measured
             write_results(args.json, tables, settings=settings,

@@ -83,7 +83,8 @@ def open_clip_model(name: str, tiny: bool):
         otm.timm.create_model = create
 
 
-def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int, tiny: bool = False) -> list[dict]:
+def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int, tiny: bool = False,
+                no_onnx: bool = False) -> list[dict]:
     import onnxruntime as ort
     from timm.utils.model import reparameterize_model
 
@@ -98,7 +99,7 @@ def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int,
         kw = dict(image_args=tiny_image_args(name), text_args=TINY_TEXT) if tiny else {}
         ours = zoo.create_model(name, checkpoint_path=path, **kw).eval()
         deploy = reparameterize(ours)
-        onnx = mc.export_onnx(ours, tmp)
+        onnx = {} if no_onnx else mc.export_onnx(ours, tmp)
         sess = {k: ort.InferenceSession(v, providers=["CPUExecutionProvider"]) for k, v in onnx.items()}
     size = ours.visual.image_size  # the ONNX files are exported at it
     image = torch.rand(batch, 3, size, size)
@@ -117,9 +118,10 @@ def bench_model(name: str, batch: int, rounds: int, per_round: int, warmup: int,
             fns["open_clip reparam"] = lambda: ref_rep.encode_image(x)
         fns["ours train"] = (lambda: ours.encode_image(x)) if enc == "image" else (lambda: ours.encode_text(x))
         fns["ours deploy"] = (lambda: deploy.encode_image(x)) if enc == "image" else (lambda: deploy.encode_text(x))
-        s = sess[enc]
-        feed = {s.get_inputs()[0].name: x.numpy()}
-        fns["ours onnxruntime"] = lambda s=s, feed=feed: s.run(None, feed)
+        if enc in sess:
+            s = sess[enc]
+            feed = {s.get_inputs()[0].name: x.numpy()}
+            fns["ours onnxruntime"] = lambda s=s, feed=feed: s.run(None, feed)
         res = interleaved(fns, rounds, per_round, warmup)
         base = res["open_clip"]["median_ms"]
         for k, v in res.items():
@@ -140,13 +142,14 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true", help="smoke run: one block per image stage, one text layer")
+    p.add_argument("--no-onnx", action="store_true", help="skip the two ONNX exports and onnxruntime (smoke runs)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
     for name in a.models:
         if name not in mc.OPEN_CLIP_NAMES:
             raise SystemExit(f"{name}: open_clip does not define it; choose from {', '.join(mc.OPEN_CLIP_NAMES)}")
-        rows += bench_model(name, a.batch_size, a.rounds, a.per_round, a.warmup, a.tiny)
+        rows += bench_model(name, a.batch_size, a.rounds, a.per_round, a.warmup, a.tiny, a.no_onnx)
     print(f"\nbatch {a.batch_size}, {a.threads} thread(s); median / p90 ms; ratio = median / open_clip median")
     print(f"{'model':<16} {'enc':<6} {'runtime':<18} {'median':>8} {'p90':>8} {'ratio':>6}")
     for r in rows:

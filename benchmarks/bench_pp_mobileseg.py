@@ -88,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-onnx", action="store_true", help="skip the two ONNX exports and onnxruntime (smoke runs)")
     p.add_argument("--tiny", action="store_true",
                    help="smoke run: the family's reduced test depths, calibrated at --size (figures meaningless)")
     args = p.parse_args(argv)
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         k_present = int(labels["vim"].unique().numel())
         fns, sessions, parity = {}, {}, {}
         with tempfile.TemporaryDirectory() as tmp:
-            for k, m in models.items():
+            for k, m in (() if args.no_onnx else models.items()):
                 t0 = time.perf_counter()
                 # label maps: checked below as the fraction of identical labels at batch 2 (a float tie that
                 # rounds the other way in onnxruntime flips a pixel, so exact equality is not required here)
@@ -123,8 +124,9 @@ def main(argv=None) -> int:
         feed = x.numpy()
         for k, m in models.items():
             fns[f"eager {k}"] = (lambda m=m: m(x))
-            sess = sessions[k][0]
-            fns[f"onnxruntime {k}"] = (lambda s=sess: s.run(None, {s.get_inputs()[0].name: feed}))
+            if k in sessions:
+                sess = sessions[k][0]
+                fns[f"onnxruntime {k}"] = (lambda s=sess: s.run(None, {s.get_inputs()[0].name: feed}))
         with torch.inference_mode():
             med = interleaved(fns, args.warmup, args.iters)
         # the upsampling stage alone, on 1/8 logits with the same class statistics
@@ -137,7 +139,7 @@ def main(argv=None) -> int:
         row = {"model": name, "size": args.size, "threads": args.threads, "classes_present": k_present,
                "label_agreement": agree, "onnx_vs_eager_batch2": parity, "export_s": {k: round(v[1], 1) for k, v in sessions.items()},
                **{f"{k} ms": round(v, 2) for k, v in med.items()}}
-        for rt in ("eager", "onnxruntime", "stage"):
+        for rt in ("eager", "stage") if args.no_onnx else ("eager", "onnxruntime", "stage"):
             row[f"{rt} vim/bilinear"] = round(med[f"{rt} vim"] / med[f"{rt} bilinear+argmax"], 3)
         rows.append(row)
         print(json.dumps(row), flush=True)

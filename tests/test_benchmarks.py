@@ -24,15 +24,18 @@ SMOKE = {  # script -> smallest arguments it has
     "bench_fmvit.py": ["--models", "fmvit_tiny", "--batch-sizes", "1", "--image-size", "32", "--threads", "1",
                        "--warmup", "0", "--rounds", "1", "--per-round", "1"],
     "bench_startup.py": ["--repeat", "1", "--cases", "zoo --help", "import zoo"],
-    # the family's reduced test depths (SmallCfg), 64 px: both variants exported and timed once
-    "bench_pp_mobileseg.py": ["--tiny", "--models", "pp_mobileseg_tiny", "--size", "64", "--iters", "1",
+    # the family's reduced test depths (SmallCfg), 64 px, both variants timed once; --no-onnx: the two dynamo exports
+    # cost ~20 of the smoke's ~35 CPU-s (the family's ONNX export is tested in tests/vision/test_pp_mobileseg.py)
+    "bench_pp_mobileseg.py": ["--tiny", "--no-onnx", "--models", "pp_mobileseg_tiny", "--size", "64", "--iters", "1",
                               "--warmup", "0", "--threads", "1"],
     # open_clip's MobileCLIP2-S0 and ours, one block per image stage and one text layer, on the same weights
-    "bench_mobileclip.py": ["--tiny", "--models", "mobileclip2_s0", "--rounds", "1", "--per-round", "1",
-                            "--warmup", "0", "--threads", "1"],
-    # the doclayout-yolo package's model and ours at 1/8 width, 64 px (84 anchors: top 50 kept)
-    "bench_doclayout_yolo.py": ["--tiny", "--size", "64", "--max-det", "50", "--batch-sizes", "1", "--iters", "1",
-                                "--warmup", "0", "--threads", "1"],
+    # (--no-onnx as above: the two encoder exports are tested in tests/vision/test_mobileclip.py)
+    "bench_mobileclip.py": ["--tiny", "--no-onnx", "--models", "mobileclip2_s0", "--rounds", "1", "--per-round",
+                            "1", "--warmup", "0", "--threads", "1"],
+    # the doclayout-yolo package's model and ours at 1/8 width, 64 px (84 anchors: top 50 kept); --no-onnx as above
+    # (the export with the top-k head is tested in tests/vision/test_yolov10.py)
+    "bench_doclayout_yolo.py": ["--tiny", "--no-onnx", "--size", "64", "--max-det", "50", "--batch-sizes", "1",
+                                "--iters", "1", "--warmup", "0", "--threads", "1"],
     # a random tiny IIR-SNN at 16 px: quantized (2 calibration batches), parity report, interleaved timing, profile
     "bench_int8.py": ["--tiny", "--calib-batches", "2", "--rounds", "1", "--calls", "2", "--threads", "1"],
 }
@@ -55,17 +58,16 @@ def test_benchmark_script_smoke(script, tmp_path):
         assert res["machine"]["load_during_run"]["samples"] >= 1 and res["data"]["results"] == doc["results"]
         assert all(len(r) == len(t["columns"]) for t in res["tables"].values() for r in t["rows"])
         results.unlink()
-    if script == "bench_pp_mobileseg.py":  # both variants exported, parity-checked at batch 2 and timed
+    if script == "bench_pp_mobileseg.py":  # both variants and the upsampling stage alone timed
         (row,) = doc
-        assert row["model"] == "pp_mobileseg_tiny" and min(row["onnx_vs_eager_batch2"].values()) > 0.99
-        assert all(row[f"{rt} {v} ms"] > 0 for rt in ("eager", "onnxruntime", "stage")
-                   for v in ("vim", "bilinear+argmax"))
+        assert row["model"] == "pp_mobileseg_tiny" and row["onnx_vs_eager_batch2"] == {}
+        assert all(row[f"{rt} {v} ms"] > 0 for rt in ("eager", "stage") for v in ("vim", "bilinear+argmax"))
         assert row["label_agreement"] > 0.5  # mostly the same labels (a tiny random model at 64 px: not all)
         assert list(tmp_path.iterdir()) == [out]
         return
     if script == "bench_mobileclip.py":  # ours == open_clip on the same weights, every runtime of both encoders
         assert {(r["encoder"], r["runtime"]) for r in doc["rows"]} == {
-            (e, rt) for e in ("image", "text") for rt in ("open_clip", "ours train", "ours deploy", "ours onnxruntime")
+            (e, rt) for e in ("image", "text") for rt in ("open_clip", "ours train", "ours deploy")
         } | {("image", "open_clip reparam")}
         assert all(r["median_ms"] > 0 and r["max_abs_diff_image"] < 1e-4 and r["max_abs_diff_image_deploy"] < 1e-4
                    and r["max_abs_diff_text"] < 1e-4 for r in doc["rows"])
@@ -81,9 +83,11 @@ def test_benchmark_script_smoke(script, tmp_path):
     if script == "bench_doclayout_yolo.py":  # a results file: same detections as the package, timed
         assert doc["provenance"] == "measured" and doc["settings"]["batch_sizes_done"] == [1]
         diffs = doc["settings"]["max_abs_diff_vs_ours"]
-        assert set(diffs) == {"ref predict", "ref export-mode", "ours onnxruntime (batch 3)"}
+        assert set(diffs) == {"ref predict", "ref export-mode"}
         assert all(d["scores"] < 1e-3 and d["boxes"] < 1e-2 for d in diffs.values()), diffs
-        assert all(isinstance(c, float) and c > 0 for r in doc["tables"]["latency"]["rows"][:4] for c in r[1:])
+        rows = doc["tables"]["latency"]["rows"]
+        assert [r[0] for r in rows[:3]] == ["ours deploy", "ref predict", "ref export-mode"] and len(rows) == 5
+        assert all(isinstance(c, float) and c > 0 for r in rows[:3] for c in r[1:])
         assert list(tmp_path.iterdir()) == [out]
         return
     if script == "bench_nemotron_flash.py":  # ours == transformers' Mamba2 on the same weights; both context rows
