@@ -158,6 +158,8 @@ def test_bad_input_gives_clear_errors_and_no_file(trained, digits, tmp_path):
         quantize(NoWeights(), torch.randn(32, 1, 8, 8), out, num_batches=2, test_data=None)
     with pytest.raises(ValueError, match="unknown calibration method"):
         quantize(trained, digits, out, method="kl")
+    with pytest.raises(ValueError, match="unknown quant_format 'qint'"):
+        quantize(trained, digits, out, quant_format="qint")
     assert not list(tmp_path.iterdir())  # nothing written, no temporary folder left
 
 
@@ -277,3 +279,12 @@ def test_text_encoder_bad_calibration_data(text_quantized, tmp_path):
     with pytest.raises(QuantizationError, match="too few calibration samples.*token sequence"):
         quantize(text, ["one", "two"], out, num_batches=2, tokenizer=tok)
     assert not list(tmp_path.iterdir())
+
+
+def test_qoperator_format_writes_int8_nodes(trained, digits, tmp_path):
+    """quant_format="qoperator": the int8 ops are in the file (QLinearConv ...), not Q/DQ pairs fused at load."""
+    res = quantize(trained, digits, tmp_path / "q.onnx", num_batches=2, input_size=(1, 8, 8), quant_format="qoperator",
+                   test_data=calibration_batches(digits, 2, "test"))
+    ops = {n.op_type for n in onnx.load(str(res.path)).graph.node}
+    assert "QLinearConv" in ops and "Conv" not in ops and res.report["format"] == "qoperator"
+    assert res.report["top1_agreement"] >= 0.95

@@ -446,6 +446,9 @@ def quantize(
     threads: int | None = None,
     family: str | None = None,
     tokenizer=None,
+    quant_format: str = "qdq",
+    reduce_range: bool = False,
+    extra_options: dict | None = None,
 ) -> QuantizationResult:
     """Static int8 quantization of ``model``'s deploy form to an ONNX file run by onnxruntime.
 
@@ -466,6 +469,10 @@ def quantize(
         fp32_path: also keep the fp32 ONNX file the int8 one was made from.
         family: the :data:`FAMILY_RULES` entry to apply (default: the one of the model class's module).
         tokenizer: texts -> (N, L) token ids, for calibration / test data given as texts.
+        quant_format: ``"qdq"`` (QuantizeLinear / DequantizeLinear pairs, fused by onnxruntime at session time) or
+            ``"qoperator"`` (QLinearConv / QLinearMatMul ... nodes written into the file).
+        reduce_range / extra_options: passed on to onnxruntime's ``quantize_static`` (``extra_options`` updates
+            the defaults, e.g. ``{"ActivationSymmetric": True}``).
 
     Returns:
         :class:`QuantizationResult` with ``path`` and ``report`` (family rule, quantized node counts and the int8 vs
@@ -480,6 +487,10 @@ def quantize(
     import onnx
 
     calib_method = _ort_method(method)
+    formats = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
+    if quant_format.lower() not in formats:
+        raise ValueError(f"unknown quant_format {quant_format!r}; choose from {', '.join(formats)}")
+    fmt = formats[quant_format.lower()]
     path = Path(path)
     if family is not None and family not in FAMILY_RULES:
         raise ValueError(f"unknown family {family!r}; FAMILY_RULES has {', '.join(FAMILY_RULES)}")
@@ -550,27 +561,32 @@ def quantize(
                         and any(a.name == "group" and a.i > 1 for a in n.attribute)]
         input_name = proto.graph.input[0].name
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": percentile,
-                 "CalibTensorRangeSymmetric": False}
+                 "CalibTensorRangeSymmetric": False, **(extra_options or {})}
         if rule.fp32_outputs_of:
             extra["OpTypesToExcludeOutputQuantization"] = list(rule.fp32_outputs_of)
         del proto
         try:
             quantize_static(
                 str(pre), str(tmp), _Reader(input_name, [b.numpy() for b in batches]),
-                quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types, per_channel=per_channel,
-                reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                quant_format=fmt, op_types_to_quantize=op_types, per_channel=per_channel,
+                reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 nodes_to_exclude=exclude, calibrate_method=calib_method, extra_options=extra,
             )
             qproto = onnx.load(str(tmp))
             n_q = sum(n.op_type == "QuantizeLinear" for n in qproto.graph.node)
             n_dq = sum(n.op_type == "DequantizeLinear" for n in qproto.graph.node)
+            if fmt == QuantFormat.QOperator:  # int8 nodes written as such: count those
+                n_dq = sum(n.op_type.startswith("QLinear") or n.op_type.endswith("Integer") or
+                           n.op_type == "DequantizeLinear" for n in qproto.graph.node)
             fp32_ops = sorted({n.op_type for n in qproto.graph.node if n.op_type not in op_types
-                               and n.op_type not in ("QuantizeLinear", "DequantizeLinear")})
+                               and n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+                               and not n.op_type.startswith("QLinear") and not n.op_type.endswith("Integer")})
             del qproto
             if n_dq == 0:
                 raise QuantizationError(f"onnxruntime quantized no node of {type(model).__name__}")
             report: dict[str, Any] = {
                 "family": family, "rule": rule.why, "method": method, "per_channel": per_channel,
+                "format": quant_format.lower(), "reduce_range": reduce_range,
                 "inputs": "token ids" if tokens else "images",
                 "calibration_batches": len(batches), "calibration_images": n_calib,
                 "quantize_nodes": n_q, "dequantize_nodes": n_dq, "fp32_op_types": fp32_ops,
