@@ -98,7 +98,10 @@ def data():
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_family_quantizes_and_agrees_with_fp32(case, data, tmp_path):
+def test_family_quantizes_and_agrees_with_fp32(case, data, tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"  # nothing may be written to the current directory (onnxruntime's shape-inference dumps)
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     module, build, side = CASES[case]
     model = build()
     if side is None:
@@ -110,6 +113,7 @@ def test_family_quantizes_and_agrees_with_fp32(case, data, tmp_path):
                    test_data=test, input_size=None if side is None else tuple(calib.shape[1:]),
                    fp32_path=tmp_path / "m.fp32.onnx")
     rep = res.report
+    assert not list(cwd.iterdir()), f"quantize left files in the current directory: {sorted(cwd.iterdir())}"
     assert rep["family"] == rule_for(getattr(model, "detector", model))[0]
     assert rep["dequantize_nodes"] > 0 and rep["images"] == 4
     if case == "mobiledet + postprocess":  # boxes, scores, labels (-1 padded), counts after int8 head + fp32 NMS

@@ -21,6 +21,7 @@ their embedding table is quantized when the family rule lists ``Gather`` (int8 t
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -528,7 +529,7 @@ def quantize(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part")
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".quantize-") as work:
-        work = Path(work)
+        work = Path(work).resolve()
         f32, pre = work / "fp32.onnx", work / "pre.onnx"
         example = batches[0][:2]
         try:
@@ -543,7 +544,10 @@ def quantize(
             raise QuantizationError(f"the deploy form of {type(model).__name__} does not export to ONNX, so it "
                                     f"cannot be quantized: {type(e).__name__}: {e}") from e
         try:
-            quant_pre_process(str(f32), str(pre), skip_symbolic_shape=False)
+            # when its symbolic shape inference is incomplete, onnxruntime dumps the graph (plus a uuid-named weights
+            # file) into the current directory before raising: keep that litter in the work folder
+            with contextlib.chdir(work):
+                quant_pre_process(str(f32), str(pre), skip_symbolic_shape=False)
         except Exception as e:  # noqa: BLE001 - fusions are an optimization; quantize the exported graph as is
             log.warning("onnxruntime quant_pre_process failed (%s); quantizing the graph without its fusions", e)
             pre = f32
