@@ -102,6 +102,11 @@ def main(argv=None) -> int:
     p.add_argument("--fraction", type=float, default=1.0,
                    help="the students' data: this share of each digit's train images (the teacher always trains on "
                         "all of them, as the paper's teachers saw far more data than its students)")
+    p.add_argument("--distill-scale", default=None,
+                   help="the teacher's logit scale for the distillation targets: a number, or 'teacher' (its own "
+                        "learned scale, as the paper's 100 is its CLIP teachers' own); default: the recipe's 100")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0, 0.0], choices=[1.0, 0.0],
+                   help="which students to train (e.g. only 1 when 0 is unaffected by a distillation setting)")
     p.add_argument("--student-steps", type=int, default=None,
                    help="train the students this many steps (instead of --student-epochs; for small --fraction)")
     p.add_argument("--teacher-run", type=Path, default=None,
@@ -129,6 +134,10 @@ def main(argv=None) -> int:
             a.workdir / "reinforce.log")])
 
     students = {1.0: RECIPES / "digits_student_reinforced.yaml", 0.0: RECIPES / "digits_student_plain.yaml"}
+    students = {lam: students[lam] for lam in a.lambdas}
+    tau = None
+    if a.distill_scale is not None:
+        tau = _train_metric(teacher, "train/logit_scale") if a.distill_scale == "teacher" else float(a.distill_scale)
     rows = [["teacher (mobileclip2_s0 layout, plain CLIP)", "-", "-", teacher_recipe.stem,
              _steps(teacher), round(100 * t_metrics["test/acc"], 1), round(100 * t_metrics["test/acc_top5"], 1),
              round(100 * t_metrics.get("test/i2t_r1", float("nan")), 1),
@@ -136,6 +145,8 @@ def main(argv=None) -> int:
     for seed in a.seeds:
         runs = {lam: a.workdir / f"student_l{int(lam)}_s{seed}" for lam in students}
         common = [f"--data.init_args.shards={shards}", f"--seed_everything={seed}"]
+        if tau is not None:
+            common += [f"--model.init_args.teacher_logit_scales=[{tau}]"]
         if a.student_steps:  # few images: an epoch is 1-2 steps, so count steps and validate less often
             common += [f"--trainer.max_steps={a.student_steps}", "--trainer.max_epochs=-1",
                        "--trainer.check_val_every_n_epoch=20"]
@@ -156,7 +167,8 @@ def main(argv=None) -> int:
     write_results(a.results, {"ablation": {"columns": cols, "rows": rows}},
                   settings={"teacher_epochs": a.teacher_epochs, "teacher_run": str(teacher),
                             "student_epochs": a.student_epochs, "seeds": a.seeds,
-                            "num_augs": a.num_augs, "fraction": a.fraction, "student_steps": a.student_steps, "batch": 128, "image_size": 32, "threads": 1,
+                            "num_augs": a.num_augs, "fraction": a.fraction, "student_steps": a.student_steps,
+                            "distill_logit_scale": tau if tau is not None else 100.0, "batch": 128, "image_size": 32, "threads": 1,
                             "wall_minutes": round((time.time() - t0) / 60, 1),
                             "load_average_1min_per_stage": [round(x, 1) for x in load]},
                   notes="Zero-shot test top-1 on the 355 held-out digits (prompts 'a photo of the digit {}.', "
