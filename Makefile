@@ -12,20 +12,23 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch/torchvision first, pinned to the wheels that lie on this machine's disk; the project's own ranges admit them.
-# The project's own modules are byte-compiled here too, so the first run does not pay for it.
-TORCH := $(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(BIN)/pip install -q torch torchvision
+# `--no-compile`: pip would byte-compile all ~6,000 modules of torch and its dependencies, most of which are never
+# imported; instead the project's own modules are compiled, and a warm-up import compiles the ones a run actually uses.
+PIP := $(BIN)/pip install -q --no-compile
+TORCH := $(PIP) "torch==2.14.1" "torchvision==0.29.1" || $(PIP) torch torchvision
+WARM := $(BIN)/python -m compileall -q zoo && $(BIN)/python -c "import torch.onnx, torchvision, timm, onnxruntime, zoo.demo, zoo.training, zoo.bench"
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(TORCH)
-	$(BIN)/pip install -q -e ".[dev]"
-	$(BIN)/python -m compileall -q zoo
+	$(PIP) -e ".[dev]"
+	$(WARM)
 	touch $(STAMP) $(DEMO_STAMP)
 
 # `make demo` needs only the train and export extras (not dev's transformers, open_clip, wandb, pytest ...): less to
 # install, and less written to disk that the first run would have to read back once the page cache has dropped it.
 $(DEMO_STAMP): pyproject.toml | $(BIN)/python
 	$(TORCH)
-	$(BIN)/pip install -q -e ".[train,export]"
-	$(BIN)/python -m compileall -q zoo
+	$(PIP) -e ".[train,export]"
+	$(WARM)
 	touch $(DEMO_STAMP)
 
 install: $(STAMP)
