@@ -16,7 +16,6 @@ import os
 import platform
 import resource
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,31 +25,7 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "doclayout_docsynth_cpu.json"
 RECIPE = "doclayout_yolo/docsynth_cpu"
 
-
-class LoadSampler:
-    """The 1-minute load average every ``period`` seconds while the run lasts (the machine is shared)."""
-
-    def __init__(self, period: float = 20.0):
-        self.samples: list[float] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
-
-    def _run(self, period: float) -> None:
-        while not self._stop.is_set():
-            self.samples.append(os.getloadavg()[0])
-            self._stop.wait(period)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def summary(self) -> dict:
-        s = self.samples or [os.getloadavg()[0]]
-        return {"mean": round(sum(s) / len(s), 2), "min": round(min(s), 2), "max": round(max(s), 2), "samples": len(s)}
+from zoo.bench import LoadSampler  # noqa: E402 - after the checkout is on sys.path
 
 
 def evaluate(model, dm, conf: float = 0.001) -> dict:
