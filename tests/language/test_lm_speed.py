@@ -1,7 +1,8 @@
 """The fast inference path of the hybrid decoder (packed projections + operators' single-token ``step``) is exact:
 greedy fp32 generations equal the eager reference path token for token over 64 tokens, alone and in a left-padded
 mixed-length batch; bf16 / int8 logits stay within documented tolerances of their own eager path; packing costs no
-memory and follows weight changes; a new operator plugs in through ``step`` (or falls back to ``forward``).
+memory and follows weight changes; a batch-1 step recorded as one program computes what the operators' steps do; a
+new operator plugs in through ``step`` (or falls back to ``forward``).
 Speed itself is measured in benchmarks/bench_lfm2.py, not here."""
 from __future__ import annotations
 
@@ -50,26 +51,80 @@ def _step_logits(m, ids, mask=None, steps=12):
     return torch.stack(out, 1).float()
 
 
-def test_fp32_greedy_equals_eager_over_64_tokens_alone_and_left_padded(pair):
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts of recorded-program runs and of attention ``step`` calls."""
+    from zoo.language.hybrid import GQAttention
+    from zoo.layers.gemv import StepProgram
+
+    n = {"program": 0, "step": 0}
+    run, step = StepProgram.run, GQAttention.step
+    monkeypatch.setattr(StepProgram, "run", lambda self, *a: (n.__setitem__("program", n["program"] + 1),
+                                                             run(self, *a))[1])
+    monkeypatch.setattr(GQAttention, "step", lambda self, x, ctx: (n.__setitem__("step", n["step"] + 1),
+                                                                   step(self, x, ctx))[1])
+    return n
+
+
+def test_fp32_greedy_equals_eager_over_64_tokens_alone_and_left_padded(pair, counted):
     fast, eager = pair
-    calls = []
-    attn = fast.model.layers[1].self_attn
-    orig = type(attn).step
-    type(attn).step = lambda self, x, ctx: (calls.append(1), orig(self, x, ctx))[1]
-    try:
-        ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(1))
-        got = fast.generate(ids, max_new_tokens=64, eos_token_id=None)
-    finally:
-        type(attn).step = orig
-    assert len(calls) == 2 * 63  # both attention layers took the step path for every decoded token after the first
-    assert torch.equal(got, eager.generate(ids, max_new_tokens=64, eos_token_id=None))
-    # left-padded batch of mixed lengths (what batched serving does)
+    ids = torch.randint(1, 96, (1, 9), generator=torch.Generator().manual_seed(1))
+    want = eager.generate(ids, max_new_tokens=64, eos_token_id=None)
+    counted.update(program=0, step=0)
+    assert torch.equal(fast.generate(ids, max_new_tokens=64, eos_token_id=None), want)
+    assert counted == {"program": 63, "step": 0}  # batch 1: every token after the first is one recorded program
+    assert torch.equal(fast.set_decode_path("step").generate(ids, max_new_tokens=64, eos_token_id=None), want)
+    assert counted == {"program": 63, "step": 2 * 63}  # "step": both attention layers' step, never a program
+    fast.set_decode_path("fast")
+    # left-padded batch of mixed lengths (what batched serving does): the operators' steps
     ids = torch.randint(1, 96, (3, 11), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
     mask[0, :6], mask[1, :3] = 0, 0
     assert torch.equal(fast.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=None),
                        eager.generate(ids, attention_mask=mask, max_new_tokens=24, eos_token_id=None))
+    assert counted["program"] == 63 and counted["step"] == 2 * 63 + 2 * 23
     torch.testing.assert_close(_step_logits(fast, ids, mask), _step_logits(eager, ids, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_recorded_program_equals_the_step_path_and_follows_weight_and_dtype_changes(pair, counted):
+    """The program runs the step path's kernels at the same rounding points: bf16 / int8 logits are bitwise those of
+    the step path, fp32 within float round-off (its SiLU uses another exp); replaced weights, a new dtype or int8
+    weights make it record again; an operator without ``record_step`` keeps the step path."""
+    from zoo.language.hybrid import quantize_int8_
+
+    fast, _ = pair
+    m = copy.deepcopy(fast)
+    ids = torch.randint(1, 96, (1, 7), generator=torch.Generator().manual_seed(4))
+    for name in ("fp32", "bf16", "int8"):
+        if name == "bf16":
+            m.to(torch.bfloat16)
+        elif name == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            quantize_int8_(m)
+        before = counted["program"]
+        got = _step_logits(m.set_decode_path("fast"), ids, steps=70)  # the KV buffer grows (64 + 64) mid-run
+        assert counted["program"] == before + 70, name
+        want = _step_logits(m.set_decode_path("step"), ids, steps=70)
+        if name == "fp32":
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want), name
+    m = copy.deepcopy(fast).set_decode_path("fast")
+    want = _step_logits(m, ids, steps=3)
+    ffn = m.model.layers[2].feed_forward
+    with torch.no_grad():
+        ffn.w2.weight = torch.nn.Parameter(ffn.w2.weight * 2)  # a replaced weight: the program records again
+    changed = _step_logits(m, ids, steps=3)
+    torch.testing.assert_close(changed, _step_logits(m.set_decode_path("step"), ids, steps=3), rtol=1e-6,
+                               atol=1e-6)
+    assert not torch.allclose(changed, want)
+    with torch.no_grad():
+        m.model.layers[2].feed_forward.w2.weight.div_(2)  # in place: the program reads the new values
+    torch.testing.assert_close(_step_logits(m.set_decode_path("fast"), ids, steps=3), want, rtol=1e-6, atol=1e-6)
+    cache = m.new_cache(8, static=True)  # a full static cache: the same error as the step path's
+    with torch.inference_mode(), pytest.raises(ValueError, match="static cache is full"):
+        tok = m(ids, cache=cache)[:, -1:].argmax(-1)
+        for _ in range(3):
+            tok = m(tok, cache=cache)[:, -1:].argmax(-1)
 
 
 def test_packing_is_free_and_follows_weight_changes(pair):
@@ -166,10 +221,11 @@ def test_operators_plug_into_the_fast_path_with_step_or_fall_back_to_forward():
     ids = torch.randint(0, 32, (1, 4))
     got = m.generate(ids, max_new_tokens=6, eos_token_id=None)
     assert calls == {"step": 5, "forward": 1}  # prefill runs forward, every later token the operator's step
+    assert m.model._zoo_program[1] is None  # (ScaledMixer has no record_step: no program)
     assert "ab" in m.model.layers[1].mixer._zoo_packed
     assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=6,
                                                                                eos_token_id=None))
-    with pytest.raises(ValueError, match="'fast' or 'eager'"):
+    with pytest.raises(ValueError, match="'fast', 'step' or 'eager'"):
         m.set_decode_path("compiled")
 
 

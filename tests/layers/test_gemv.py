@@ -138,7 +138,7 @@ def test_rms_norm_kernel_matches_the_module_math(kernel):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_attention_kernel_matches_sdpa_with_grouped_heads_padding_and_a_cache_view(kernel, dtype):
     g = torch.Generator().manual_seed(0)
-    for b, h, kvh, s, hd in ((2, 8, 2, 37, 64), (1, 4, 4, 1, 20), (1, 6, 3, 130, 48)):
+    for b, h, kvh, s, hd in ((2, 8, 2, 37, 64), (1, 4, 4, 1, 20), (1, 6, 3, 130, 48), (1, 18, 1, 33, 128)):
         q = torch.randn(b, h, 1, hd, generator=g).to(dtype)
         buf = torch.randn(2, b, kvh, s + 11, hd, generator=g).to(dtype)  # a KV buffer with spare capacity
         k, v = buf[0, :, :, :s], buf[1, :, :, :s]

@@ -40,9 +40,15 @@ round-off (greedy fp32 generations equal the reference path token for token, tes
   token runs ``step``), may use ``ctx.rope(...)``, ``ctx.key_mask`` / ``ctx.pad_mask`` like ``forward``, and must
   return what ``forward`` would (to float round-off). Operators without ``step`` keep working: ``forward`` runs.
 
+* ``record_step(prog, x, out)`` (optional): the same step recorded as kernel calls into a
+  :class:`zoo.layers.gemv.StepProgram`. When every operator of a stack has it, a batch-1 decode step without padding
+  runs as one C call for the whole stack (no Python between the kernels: about a tenth of a 350M model's step on
+  this machine); otherwise the ``step`` path runs.
+
 The decoder layer, the final norm and the head are shared, so an operator that packs its projections and writes a
 ``step`` (Nemotron-Flash-style DeltaNet / Mamba2 next) is on the fast path. ``model.set_decode_path("eager")``
-(:class:`HybridLM`; ``zoo generate --eager``) turns it off -- the reference path every speed claim is checked against.
+(:class:`HybridLM`; ``zoo generate --eager``) turns it off -- the reference path every speed claim is checked against;
+``"step"`` keeps the operators' ``step`` but never records a program.
 
 This module imports only PyTorch at import time; :func:`hf_model_classes` builds the transformers classes
 (``PreTrainedModel`` base model and causal LM, used by :mod:`zoo.language.lfm2`) on first use.
@@ -176,6 +182,14 @@ class KVBuffer:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         t = k.shape[2]
         need = self.length + t
+        self.reserve(need, k, v)
+        self.k[:, :, self.length : need] = k
+        self.v[:, :, self.length : need] = v
+        self.length = need
+        return self.k[:, :, :need], self.v[:, :, :need]
+
+    def reserve(self, need: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Room for ``need`` positions (growing like :meth:`append`); ``k`` / ``v`` give batch, heads, dtype."""
         if self.k is None or need > self.k.shape[2]:
             if self.static and (self.k is not None or need > self.capacity_hint):
                 raise ValueError(
@@ -193,10 +207,6 @@ class KVBuffer:
                 nk[:, :, : self.length] = self.k[:, :, : self.length]
                 nv[:, :, : self.length] = self.v[:, :, : self.length]
             self.k, self.v = nk, nv
-        self.k[:, :, self.length : need] = k
-        self.v[:, :, self.length : need] = v
-        self.length = need
-        return self.k[:, :, :need], self.v[:, :, :need]
 
     def select(self, rows: torch.Tensor) -> None:
         if self.k is not None:
@@ -463,6 +473,13 @@ def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor
         return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
 
 
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin ``[B, 1, T, head_dim]`` for positions ``[B, T]`` (fp32 angles, cast like transformers does)."""
+    freqs = positions[..., None].float() * _inv_freq(head_dim, theta, positions.device)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 @dataclass
 class ForwardContext:
     """What every operator needs for one forward call (built once by the decoder, shared by all layers)."""
@@ -481,9 +498,7 @@ class ForwardContext:
         """cos, sin of shape [B, 1, T, head_dim] (computed in fp32, cast like transformers does)."""
         key = ("rope", head_dim, theta, dtype)
         if key not in self._memo:
-            freqs = self.positions[..., None].float() * _inv_freq(head_dim, theta, self.positions.device)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]
-            self._memo[key] = (emb.cos().to(dtype), emb.sin().to(dtype))
+            self._memo[key] = rope_cos_sin(self.positions, head_dim, theta, dtype)
         return self._memo[key]
 
     def same_segment(self, shift: int) -> torch.Tensor:
@@ -521,7 +536,7 @@ class ForwardContext:
 # bf16, int8 weight-only; compiled on first use, stock products otherwise). Rows are independent there, so packing
 # projections or splitting rows over threads never changes a result.
 from zoo.layers import gemv as _gemv  # noqa: E402
-from zoo.layers.gemv import int8_linear, linear  # noqa: E402
+from zoo.layers.gemv import NotProgrammable, StepProgram, int8_linear, linear  # noqa: E402
 
 
 class Linear(nn.Linear):
@@ -602,13 +617,102 @@ def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.
     parts = [getattr(module, c) for c in module.packed_projections[name]]
     if torch.is_grad_enabled():
         return tuple(p(x) for p in parts)
+    pk = _packed(module, name, parts)
+    return tuple(p(x) for p in parts) if pk is None else pk(x, parts)
+
+
+def _packed(module: nn.Module, name: str, parts: list[nn.Module]) -> _PackedProjection | None:
     packs = module.__dict__.setdefault("_zoo_packed", {})
     pk = packs.get(name)
     if pk is None or not pk.valid(parts):  # first use, or a weight was replaced
         if not _packable(parts):
-            return tuple(p(x) for p in parts)
+            return None
         packs[name] = pk = _PackedProjection(parts)
-    return pk(x, parts)
+    return pk
+
+
+# ---------------------------------------------------------------------------------------------- step programs
+# At batch 1 a decode step runs as one recorded program (zoo.layers.gemv.StepProgram): one C call per token for the
+# whole layer stack, no Python between the kernels. An operator joins by defining ``record_step(prog, x, out)``,
+# recording into ``prog`` what its ``step`` computes from the normed input buffer ``x`` into ``out`` (and watching
+# what it reads, ``prog.watch``); a stack with an operator without it runs the per-operator ``step`` path.
+
+
+def record_linear(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    """Record ``out = owner.<name>(x)`` for a ``Linear`` / ``nn.Linear`` or :class:`Int8Linear` child."""
+    lin = getattr(owner, name)
+    prog.watch(owner, name)
+    if isinstance(lin, Int8Linear):
+        prog.watch(lin, "qweight", "scale", "bias")
+        prog.linear(x, lin.qweight, out, scale=_scale_in(lin, lin.scale, prog.dtype), bias=lin.bias)
+    elif isinstance(lin, nn.Linear):
+        prog.watch(lin, "weight", "bias")
+        prog.linear(x, lin.weight.detach(), out, bias=None if lin.bias is None else lin.bias.detach())
+    else:
+        raise NotProgrammable(f"{type(lin).__name__} is not a linear layer")
+
+
+def record_packed(prog: StepProgram, module: nn.Module, name: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """Record the packed projections ``module.packed_projections[name]`` of ``x``; returns their output buffers."""
+    names = module.packed_projections[name]
+    parts = [getattr(module, c) for c in names]
+    pk = _packed(module, name, parts)
+    if pk is None:
+        raise NotProgrammable(f"{type(module).__name__}.{name} cannot be packed")
+    prog.watch(module, *names)
+    for p in parts:
+        prog.watch(p, *pk.names)
+    w, extra = pk.tensors(parts)
+    out = prog.scratch(("packed", name), pk.rows)
+    if pk.int8:
+        prog.linear(x, w, out, scale=_scale_in(parts[0], extra, prog.dtype))
+    else:
+        prog.linear(x, w, out, bias=extra)
+    return list(out.split(pk.sizes))
+
+
+def record_norm(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    norm = getattr(owner, name)
+    if type(norm) is not RMSNorm:
+        raise NotProgrammable(f"{type(norm).__name__} norm")
+    prog.watch(owner, name)
+    prog.watch(norm, "weight")
+    prog.norm(x, norm.weight.detach(), out, norm.eps)
+
+
+def _record_stack(module: nn.Module, dtype: torch.dtype) -> StepProgram:
+    prog = StepProgram(dtype)
+    d = module.config.hidden_size
+    prog.x, prog.y = prog.buffer(d), prog.buffer(d)
+    prog.watch(module, "layers", "embedding_norm")
+    for i, layer in enumerate(module.layers):
+        prog.watch(module.layers, str(i))
+        layer.record_step(prog, prog.x)
+    record_norm(prog, module, "embedding_norm", prog.x, prog.y)
+    return prog.finish()
+
+
+def run_program(module: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    """The final hidden state of a batch-1 decode step through the stack's recorded program, or None where the
+    per-operator path must run (padding, another batch size, an operator without ``record_step``, no kernels)."""
+    if x.shape[0] != 1 or ctx.key_mask is not None or ctx.pad_mask is not None or ctx.past == 0:
+        return None
+    entry = module.__dict__.get("_zoo_program")
+    if entry is None or entry[0] is not x.dtype or (entry[1] is not None and not entry[1].valid()):
+        try:
+            prog = _record_stack(module, x.dtype)
+        except NotProgrammable:
+            prog = None
+        module.__dict__["_zoo_program"] = entry = (x.dtype, prog)
+    prog = entry[1]
+    if prog is None:
+        return None
+    prog.x.copy_(x.reshape(-1))
+    try:
+        prog.run(ctx.past, int(ctx.positions[0, -1]), ctx)
+    except NotProgrammable:
+        return None
+    return prog.y.clone().view(1, 1, -1)
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -653,6 +757,12 @@ class SwiGLU(nn.Module):
         if torch.is_grad_enabled():
             return self.w2(F.silu(gate) * up)
         return self.w2(F.silu(gate).mul_(up))  # inference: one buffer fewer, same numbers
+
+    def record_step(self, prog: StepProgram, x: torch.Tensor, out: torch.Tensor) -> None:
+        gate, up = record_packed(prog, self, "w13", x)
+        h = prog.scratch("ffn_hidden", gate.numel())
+        prog.silu_mul(gate, up, h)
+        record_linear(prog, self, "w2", h, out)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -721,6 +831,28 @@ class ShortConv(nn.Module):
         if self.conv.bias is not None:
             z = z + self.conv.bias.to(z.dtype)
         return self.out_proj(c.mul_(z))
+
+    def record_step(self, prog: StepProgram, x: torch.Tensor, out: torch.Tensor) -> None:
+        d, k, idx = out.numel(), self.kernel_size, self.layer_idx
+        if k == 1:
+            raise NotProgrammable("a 1-tap conv keeps no state")
+        bcx = prog.scratch("conv_bcx", 3 * d)
+        record_linear(prog, self, "in_proj", x, bcx)
+
+        def state(ctx: ForwardContext) -> tuple[int]:
+            st = ctx.cache.layers[idx]
+            if not isinstance(st, torch.Tensor) or st.dtype is not prog.dtype or st.shape != (1, k - 1, d):
+                raise NotProgrammable("conv state")
+            if not st.is_contiguous():
+                st = ctx.cache.layers[idx] = st.contiguous()
+            return (st.data_ptr(),)
+
+        z = prog.scratch("conv_z", d)
+        prog.watch(self, "conv")
+        prog.watch(self.conv, "weight", "bias")
+        prog.conv(bcx, prog.dynamic(1, state), self.conv.weight.detach(),
+                  None if self.conv.bias is None else self.conv.bias.detach(), z)
+        record_linear(prog, self, "out_proj", z, out)
 
 
 @register_operator("full_attention")
@@ -804,6 +936,48 @@ class GQAttention(nn.Module):
         o = torch.matmul(probs, v)  # [B, kvh, rep, hd]: heads in q_proj order
         return self.out_proj(o.reshape(bsz, 1, self.num_heads * hd))
 
+    def record_step(self, prog: StepProgram, x: torch.Tensor, out: torch.Tensor) -> None:
+        h, kvh, hd, idx, dt = self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx, prog.dtype
+        q, k, v = record_packed(prog, self, "qkv", x)
+        qn, kn = prog.scratch("attn_qn", h * hd), prog.scratch("attn_kn", kvh * hd)
+        record_norm(prog, self, "q_layernorm", q, qn)
+        record_norm(prog, self, "k_layernorm", k, kn)
+        key = ("rope", hd, self.rope_theta)
+        if key not in prog.memo:  # cos / sin rows of this step's position, from tables of 256 positions
+            table: dict = {}
+
+            def rows(ctx: ForwardContext, theta: float = self.rope_theta) -> tuple[int, int]:
+                pos = int(ctx.positions[0, -1])
+                block = pos >> 8
+                if table.get("block") != block:
+                    cos, sin = rope_cos_sin(torch.arange(block << 8, (block + 1) << 8)[None], hd, theta, dt)
+                    table.update(block=block, cos=cos.contiguous(), sin=sin.contiguous())
+                off = (pos & 255) * hd * table["cos"].element_size()
+                return table["cos"].data_ptr() + off, table["sin"].data_ptr() + off
+
+            prog.memo[key] = prog.dynamic(2, rows)
+        qr, kr = prog.scratch("attn_qr", h * hd), prog.scratch("attn_kr", kvh * hd)
+        prog.rope(qn, prog.memo[key], qr, h, hd)
+        prog.rope(kn, prog.memo[key], kr, kvh, hd)
+        like = torch.empty(1, kvh, 1, hd, dtype=dt)
+
+        def kv(ctx: ForwardContext) -> tuple[int, int, int]:
+            buf = ctx.cache.kv_buffer(idx)
+            if buf.length != ctx.past or (buf.k is not None and (buf.k.shape[0] != 1 or buf.k.dtype is not dt)):
+                raise NotProgrammable("KV buffer")
+            buf.reserve(buf.length + 1, like, like)
+            return buf.k.data_ptr(), buf.v.data_ptr(), buf.k.stride(1)
+
+        def grown(ctx: ForwardContext) -> None:
+            ctx.cache.layers[idx].length += 1
+
+        word = prog.dynamic(3, kv)
+        prog.on_done(grown)
+        o = prog.scratch("attn_o", h * hd)
+        prog.kv_store(kr, v, word, kvh, hd)
+        prog.attention(qr, o, word, h, kvh, hd, hd**-0.5)
+        record_linear(prog, self, "out_proj", o, out)
+
 
 class DecoderLayer(nn.Module):
     # transformers' activation-checkpointing protocol: PreTrainedModel.gradient_checkpointing_enable() sets these
@@ -832,6 +1006,22 @@ class DecoderLayer(nn.Module):
             return x
         return x + self.feed_forward(self.ffn_norm(x))
 
+    def record_step(self, prog: StepProgram, x: torch.Tensor) -> None:
+        """Record this layer's decode step, updating the residual buffer ``x`` in place (see ``run_program``)."""
+        op = getattr(self, self.op_name)
+        if not hasattr(op, "record_step") or not hasattr(op, "step"):
+            raise NotProgrammable(f"operator {type(op).__name__} has no record_step")
+        prog.watch(self, self.op_name, "feed_forward")
+        d = x.numel()
+        normed, delta = prog.scratch("normed", d), prog.scratch("delta", d)
+        record_norm(prog, self, "operator_norm", x, normed)
+        op.record_step(prog, normed, delta)
+        prog.add(x, delta, x)
+        if self.feed_forward is not None:
+            record_norm(prog, self, "ffn_norm", x, normed)
+            self.feed_forward.record_step(prog, normed, delta)
+            prog.add(x, delta, x)
+
 
 def build_decoder_modules(module: nn.Module, config: HybridConfig) -> None:
     """Give ``module`` the decoder's submodules (``embed_tokens``, ``layers``, ``embedding_norm``): shared by
@@ -847,7 +1037,12 @@ def run_decoder(
     """The layer stack and final norm over embeddings ``x``. With ``hidden_states`` (a list) it collects what
     transformers returns for ``output_hidden_states``: the embeddings, every layer's output, the last one normed."""
     ckpt_ok = module.training and torch.is_grad_enabled()
-    ctx.decode_step = ctx.decode_step and hidden_states is None and getattr(module, "decode_path", "fast") == "fast"
+    path = getattr(module, "decode_path", "fast")
+    ctx.decode_step = ctx.decode_step and hidden_states is None and path != "eager"
+    if ctx.decode_step and path == "fast":
+        y = run_program(module, x, ctx)
+        if y is not None:
+            return y
     for layer in module.layers:
         if hidden_states is not None:
             hidden_states.append(x)
@@ -865,7 +1060,7 @@ def run_decoder(
 class HybridDecoder(nn.Module):
     """Embedding, the layer stack and the final ``embedding_norm`` (transformers' ``Lfm2Model`` layout)."""
 
-    decode_path = "fast"  # or "eager": the reference path (no operator ``step``); see HybridLM.set_decode_path
+    decode_path = "fast"  # "step" (no program) or "eager" (no operator ``step``); see HybridLM.set_decode_path
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -1067,11 +1262,12 @@ class HybridLM(nn.Module):
         return {n for n, p in self.named_parameters() if p.ndim < 2}
 
     def set_decode_path(self, path: str = "fast") -> "HybridLM":
-        """``"fast"`` (default): single-token inference forwards run the operators' ``step`` with packed projections
-        (module docstring); ``"eager"``: every forward runs ``forward`` (the reference the fast path is tested
-        against). Returns the model."""
-        if path not in ("fast", "eager"):
-            raise ValueError(f"decode path must be 'fast' or 'eager', got {path!r}")
+        """``"fast"`` (default): single-token inference forwards run the operators' ``step`` with packed projections,
+        at batch 1 as one recorded program per step where every operator can be recorded (module docstring);
+        ``"step"``: the operators' ``step`` one by one, never a program; ``"eager"``: every forward runs ``forward``
+        (the reference the fast paths are tested against). Returns the model."""
+        if path not in ("fast", "step", "eager"):
+            raise ValueError(f"decode path must be 'fast', 'step' or 'eager', got {path!r}")
         self.model.decode_path = path
         return self
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["linear", "int8_linear", "use_hugepages", "rms_norm", "attn_decode", "conv_step", "rope", "kernels_available",
-           "reset"]
+           "reset", "StepProgram", "NotProgrammable"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -89,6 +89,12 @@ static inline uint16_t to_bf16(float f) { /* round to nearest even, like torch's
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+/* 16 floats to bf16, round to nearest even like to_bf16 (NaN payloads aside) */
+static inline __m256i bf16_round(__m512 x) {
+    __m512i u = _mm512_castps_si512(x);
+    u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
+}
 static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* wkind 0 fp32, 1 bf16, 2 int8 (scale: one per row, fp32 if !sbf else bf16); y fp32 (ybf 0) or bf16 (ybf 1). */
@@ -144,63 +150,130 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* exp(-x) for any x (silu): the same polynomial, inputs clamped so the result saturates to 0 / inf like expf */
+static inline __m512 exp512neg(__m512 x) {
+    __m512 y = _mm512_min_ps(_mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), x), _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    return exp512(y);
+}
+
+/* sums of 16 vectors: lane l of the result is the sum of v[l]'s lanes (a transpose-and-add tree: 15 adds for 16
+   sums instead of one full horizontal reduction each) */
+static inline __m512 hsum16(const __m512 *v) {
+    __m512 t[8], u[4], w[2];
+    for (int i = 0; i < 8; i++) /* halves: [a_lo + a_hi | b_lo + b_hi], 8 partial sums each */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44), _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* 128-bit lanes: one source vector per lane, 4 partial sums each */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88), _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        w[i] = _mm512_add_ps(_mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0x44), _mm512_shuffle_ps(u[2 * i], u[2 * i + 1], 0xEE));
+    __m512 r = _mm512_add_ps(_mm512_shuffle_ps(w[0], w[1], 0x88), _mm512_shuffle_ps(w[0], w[1], 0xDD));
+    /* the tree leaves source i in lane 4 * (i % 4) + i / 4: put it back in lane i */
+    const __m512i perm = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    return _mm512_permutexvar_ps(perm, r);
+}
+
 /* One query per row against a KV cache (decode attention): q [B, H, hd] contiguous, k / v [B, KVH, S, hd] with
    row strides (sb, sh) and contiguous [S, hd] blocks, keep [B, S] (1 = visible) or NULL, o [B, H, hd]; head h reads
-   kv head h / (H / KVH). Scores and softmax in fp32, output rounded to the dtype once. */
+   kv head h / (H / KVH). Scores and softmax in fp32, output rounded to the dtype once. The query heads sharing a kv
+   head are served together: every key / value row is loaded once for all of them, and scores are formed 16 keys at
+   a time. */
+#define ATT_MAXV 64 /* fp32 vectors of queries (and of output accumulators) held at once: heads x ceil(hd / 16) */
 void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const uint8_t *keep, int bf,
                      int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t hd, int64_t sb, int64_t sh, float scale) {
     int64_t rep = H / KVH, nv = (hd + 15) / 16;
-    float *sc = (float *)malloc(sizeof(float) * (S + 16) * rep);
-    float qf[16 * 32], of[16 * 32];
-    if (!sc || nv > 32) { free(sc); return; }
+    if (nv > ATT_MAXV) return;
+    int64_t rc = ATT_MAXV / nv; /* heads per pass */
+    if (rc > rep) rc = rep;
+    float *sc = (float *)malloc(sizeof(float) * (S + 16) * rc);
+    if (!sc) return;
+    __m512 qv[ATT_MAXV], acc[ATT_MAXV];
+    __mmask16 tail = (hd % 16) ? (__mmask16)((1u << (hd % 16)) - 1) : (__mmask16)0xffff;
+#define MK(i) ((i) == nv - 1 ? tail : (__mmask16)0xffff)
+#define LDKV(base, j, i) (bf ? ldm_bf16(MK(i), (const char *)(base) + ((j) * hd + (i) * 16) * 2) \
+                             : ldm_f32(MK(i), (const char *)(base) + ((j) * hd + (i) * 16) * 4))
     for (int64_t b = 0; b < B; b++)
         for (int64_t g = 0; g < KVH; g++) {
             const char *kb = (const char *)k + (b * sb + g * sh) * (bf ? 2 : 4);
             const char *vb = (const char *)v + (b * sb + g * sh) * (bf ? 2 : 4);
-            for (int64_t r = 0; r < rep; r++) {
-                float m = -INFINITY, *s = sc + r * (S + 16);
-                int64_t h = g * rep + r;
-                for (int64_t i = 0; i < hd; i++)
-                    qf[i] = bf ? from_bf16(((const uint16_t *)q)[(b * H + h) * hd + i]) : ((const float *)q)[(b * H + h) * hd + i];
-                for (int64_t j = 0; j < S; j++) {
-                    __m512 a = _mm512_setzero_ps();
-                    for (int64_t i = 0; i < hd; i += 16) {
-                        __mmask16 mk = hd - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hd - i)) - 1);
-                        __m512 kv = bf ? ldm_bf16(mk, kb + (j * hd + i) * 2) : ldm_f32(mk, kb + (j * hd + i) * 4);
-                        a = _mm512_fmadd_ps(kv, _mm512_maskz_loadu_ps(mk, qf + i), a);
+            for (int64_t h0 = 0; h0 < rep; h0 += rc) {
+                int64_t nh = rep - h0 < rc ? rep - h0 : rc;
+                for (int64_t r = 0; r < nh; r++) {
+                    int64_t h = g * rep + h0 + r;
+                    for (int64_t i = 0; i < nv; i++)
+                        qv[r * nv + i] = bf ? ldm_bf16(MK(i), (const uint16_t *)q + (b * H + h) * hd + i * 16)
+                                            : ldm_f32(MK(i), (const float *)q + (b * H + h) * hd + i * 16);
+                }
+                /* scores, 16 keys at a time */
+                for (int64_t j0 = 0; j0 < S; j0 += 16) {
+                    int64_t nj = S - j0 < 16 ? S - j0 : 16;
+                    __m512 part[8][16];
+                    for (int64_t r0 = 0; r0 < nh; r0 += 8) {
+                        int64_t nr = nh - r0 < 8 ? nh - r0 : 8;
+                        for (int64_t jj = 0; jj < 16; jj++) {
+                            for (int64_t r = 0; r < nr; r++) part[r][jj] = _mm512_setzero_ps();
+                            if (jj >= nj) continue;
+                            for (int64_t i = 0; i < nv; i++) {
+                                __m512 kv = LDKV(kb, j0 + jj, i);
+                                for (int64_t r = 0; r < nr; r++)
+                                    part[r][jj] = _mm512_fmadd_ps(kv, qv[(r0 + r) * nv + i], part[r][jj]);
+                            }
+                        }
+                        __mmask16 jm = nj == 16 ? (__mmask16)0xffff : (__mmask16)((1u << nj) - 1);
+                        for (int64_t r = 0; r < nr; r++) {
+                            __m512 x = _mm512_mul_ps(hsum16(part[r]), _mm512_set1_ps(scale));
+                            if (keep) {
+                                __m128i kp = _mm_maskz_loadu_epi8(jm, keep + b * S + j0);
+                                __mmask16 vis = _mm_test_epi8_mask(kp, kp);
+                                x = _mm512_mask_blend_ps(vis, _mm512_set1_ps(-INFINITY), x);
+                            }
+                            _mm512_mask_storeu_ps(sc + (r0 + r) * (S + 16) + j0, jm, x);
+                        }
                     }
-                    float x = _mm512_reduce_add_ps(a) * scale;
-                    if (keep && !keep[b * S + j]) x = -INFINITY;
-                    s[j] = x;
-                    if (x > m) m = x;
                 }
-                __m512 sum = _mm512_setzero_ps(), mv = _mm512_set1_ps(m);
-                for (int64_t j = 0; j < S; j += 16) {
-                    __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
-                    __m512 x = _mm512_maskz_loadu_ps(mk, s + j); /* masked keys: exactly 0 */
-                    mk &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-                    __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
-                    _mm512_storeu_ps(s + j, e); /* (s has 16 floats of room past S) */
-                    sum = _mm512_add_ps(sum, e);
+                /* softmax per head (masked keys: exactly 0) */
+                for (int64_t r = 0; r < nh; r++) {
+                    float *s = sc + r * (S + 16);
+                    __m512 mx = _mm512_set1_ps(-INFINITY);
+                    for (int64_t j = 0; j < S; j += 16) {
+                        __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+                        mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_maskz_loadu_ps(mk, s + j));
+                    }
+                    __m512 mv = _mm512_set1_ps(_mm512_reduce_max_ps(mx)), sum = _mm512_setzero_ps();
+                    for (int64_t j = 0; j < S; j += 16) {
+                        __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+                        __m512 x = _mm512_maskz_loadu_ps(mk, s + j);
+                        mk &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+                        __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
+                        _mm512_storeu_ps(s + j, e); /* (s has 16 floats of room past S) */
+                        sum = _mm512_add_ps(sum, e);
+                    }
+                    float inv = 1.0f / _mm512_reduce_add_ps(sum);
+                    for (int64_t j = 0; j < S; j++) s[j] *= inv;
                 }
-                float inv = 1.0f / _mm512_reduce_add_ps(sum);
-                __m512 acc[32];
-                for (int64_t i = 0; i < nv; i++) acc[i] = _mm512_setzero_ps();
+                /* output: every value row once for all heads of the pass */
+                for (int64_t i = 0; i < nh * nv; i++) acc[i] = _mm512_setzero_ps();
                 for (int64_t j = 0; j < S; j++) {
-                    __m512 pj = _mm512_set1_ps(s[j]);
                     for (int64_t i = 0; i < nv; i++) {
-                        __mmask16 mk = hd - i * 16 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (hd - i * 16)) - 1);
-                        __m512 vv = bf ? ldm_bf16(mk, vb + (j * hd + i * 16) * 2) : ldm_f32(mk, vb + (j * hd + i * 16) * 4);
-                        acc[i] = _mm512_fmadd_ps(pj, vv, acc[i]);
+                        __m512 vv = LDKV(vb, j, i);
+                        for (int64_t r = 0; r < nh; r++)
+                            acc[r * nv + i] = _mm512_fmadd_ps(_mm512_set1_ps(sc[r * (S + 16) + j]), vv, acc[r * nv + i]);
                     }
                 }
-                for (int64_t i = 0; i < nv; i++) _mm512_storeu_ps(of + i * 16, _mm512_mul_ps(acc[i], _mm512_set1_ps(inv)));
-                for (int64_t i = 0; i < hd; i++) {
-                    if (bf) ((uint16_t *)o)[(b * H + h) * hd + i] = to_bf16(of[i]);
-                    else ((float *)o)[(b * H + h) * hd + i] = of[i];
+                for (int64_t r = 0; r < nh; r++) {
+                    int64_t h = g * rep + h0 + r;
+                    for (int64_t i = 0; i < nv; i++) {
+                        float of[16];
+                        _mm512_storeu_ps(of, acc[r * nv + i]);
+                        for (int64_t l = 0; l < 16 && i * 16 + l < hd; l++) {
+                            if (bf) ((uint16_t *)o)[(b * H + h) * hd + i * 16 + l] = to_bf16(of[l]);
+                            else ((float *)o)[(b * H + h) * hd + i * 16 + l] = of[l];
+                        }
+                    }
                 }
             }
         }
+#undef MK
+#undef LDKV
     free(sc);
 }
 
@@ -349,14 +422,86 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
     }
     if (xf != x && xf != stackx) free(xf);
 }
+
+/* ---- a decode-step program: one call runs a whole layer stack (no Python between the kernels). Each instruction is
+   16 int64 words (opcode, operands); dyn[] holds what changes per step: dyn[0] the cache length before this token
+   (= its KV slot), dyn[1] its RoPE position, then per-layer words (KV buffer / conv state addresses and strides)
+   referenced by index. Elementwise results round where the PyTorch ops they replace round. */
+enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN };
+#define P(i) ((void *)(intptr_t)op[i])
+static inline float rdv(const void *p, int64_t i, int bf) { return bf ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+static inline void wrv(void *p, int64_t i, float v, int bf) { if (bf) ((uint16_t *)p)[i] = to_bf16(v); else ((float *)p)[i] = v; }
+static inline float f32_of(int64_t bits) { uint32_t u = (uint32_t)bits; float f; memcpy(&f, &u, 4); return f; }
+
+void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads) {
+    for (int64_t i = 0; i < nops; i++) {
+        const int64_t *op = prog + 16 * i;
+        switch (op[0]) {
+        case OP_NORM: /* x, w, y, bf, m, k, eps */
+            zoo_rmsnorm(P(1), P(2), P(3), (int)op[4], op[5], op[6], f32_of(op[7]));
+            break;
+        case OP_GEMV: /* wkind, w, x, xbf, s, sbf, y, ybf, n, k */
+            zoo_gemv((int)op[1], P(2), P(3), (int)op[4], P(5), (int)op[6], P(7), (int)op[8], op[9], op[10], threads);
+            break;
+        case OP_ADD: { /* a, b, out, n, bf: out = a + b (out may be a) */
+            int bf = (int)op[5];
+            if (!bf) {
+                const float *a = P(1), *b = P(2);
+                float *o = P(3);
+                int64_t n = op[4], j = 0;
+                for (; j + 16 <= n; j += 16) _mm512_storeu_ps(o + j, _mm512_add_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j)));
+                for (; j < n; j++) o[j] = a[j] + b[j];
+            } else {
+                for (int64_t j = 0; j < op[4]; j++) wrv(P(3), j, rdv(P(1), j, 1) + rdv(P(2), j, 1), 1);
+            }
+            break;
+        }
+        case OP_SILU_MUL: { /* g, u, out, n, bf: out = silu(g) * u, silu rounded to the dtype first */
+            int bf = (int)op[5];
+            int64_t n = op[4];
+            for (int64_t j = 0; j < n; j += 16) {
+                __mmask16 mk = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+                __m512 g = bf ? ldm_bf16(mk, (const uint16_t *)P(1) + j) : ldm_f32(mk, (const float *)P(1) + j);
+                __m512 u = bf ? ldm_bf16(mk, (const uint16_t *)P(2) + j) : ldm_f32(mk, (const float *)P(2) + j);
+                __m512 sv = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512neg(g)));
+                if (bf) _mm256_mask_storeu_epi16((uint16_t *)P(3) + j, mk, bf16_round(_mm512_mul_ps(
+                            _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round(sv)), 16)), u)));
+                else _mm512_mask_storeu_ps((float *)P(3) + j, mk, _mm512_mul_ps(sv, u));
+            }
+            break;
+        }
+        case OP_CONV: /* bcx, dyn index of the state, w, bias, out, bf, d, L */
+            zoo_conv_step(P(1), (void *)(intptr_t)dyn[op[2]], P(3), P(4), 0, P(5), (int)op[6], 1, op[7], op[8]);
+            break;
+        case OP_ROPE: /* x, dyn index (this step's cos row, sin row), out, bf, heads, hd */
+            zoo_rope(P(1), (const void *)(intptr_t)dyn[op[2]], (const void *)(intptr_t)dyn[op[2] + 1], P(3), (int)op[4], 1,
+                     op[5], op[6], 0);
+            break;
+        case OP_KV_STORE: { /* k, v, dyn index (k base, v base, head stride), kv heads, hd, bf: slot dyn[0] */
+            int64_t es = op[6] ? 2 : 4, hd = op[5], sh = dyn[op[3] + 2];
+            for (int64_t h = 0; h < op[4]; h++) {
+                memcpy((char *)(intptr_t)dyn[op[3]] + (h * sh + dyn[0] * hd) * es, (const char *)P(1) + h * hd * es, hd * es);
+                memcpy((char *)(intptr_t)dyn[op[3] + 1] + (h * sh + dyn[0] * hd) * es, (const char *)P(2) + h * hd * es, hd * es);
+            }
+            break;
+        }
+        case OP_ATTN: /* q, o, dyn index (k base, v base, head stride), bf, heads, kv heads, hd, scale */
+            zoo_attn_decode(P(1), (void *)(intptr_t)dyn[op[3]], (void *)(intptr_t)dyn[op[3] + 1], P(2), 0, (int)op[4], 1,
+                            op[5], op[6], dyn[0] + 1, op[7], 0, dyn[op[3] + 2], f32_of(op[8]));
+            break;
+        }
+    }
+}
+#undef P
 """
 
 # no contraction of a * b + c into an FMA: the scalar parts round exactly where the PyTorch ops they replace round
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
-_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM", 4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV", 6: "ZOO_DISABLE_CPU_ROPE",
-        7: "ZOO_DISABLE_HUGEPAGES"}
+_ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM",
+        4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV", 6: "ZOO_DISABLE_CPU_ROPE", 7: "ZOO_DISABLE_HUGEPAGES",
+        8: "ZOO_DISABLE_STEP_PROGRAM"}
 _huge_done: set[tuple[int, int]] = set()
 
 
@@ -448,6 +593,10 @@ def _load():
         cs.argtypes = [c.c_void_p] * 6 + [c.c_int, c.c_int64, c.c_int64, c.c_int64]
         cs.restype = None
         _state["conv"] = cs
+        run = lib.zoo_run
+        run.argtypes = [c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
+        run.restype = None
+        _state["run"] = run
         rp = lib.zoo_rope
         rp.argtypes = [c.c_void_p] * 4 + [c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_int64]
         rp.restype = None
@@ -599,3 +748,177 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> 
     shape = x.shape
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), qweight, scale)
     return y.reshape(*shape[:-1], qweight.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------- step programs
+
+
+class NotProgrammable(Exception):
+    """A layer (or this call's inputs) cannot be recorded into a :class:`StepProgram`; the caller runs its ops."""
+
+
+_OPS = {"norm": 1, "gemv": 2, "add": 3, "silu_mul": 4, "conv": 5, "rope": 6, "kv_store": 7, "attn": 8}
+
+
+def _bits(v: float) -> int:
+    import struct
+
+    return struct.unpack("<I", struct.pack("<f", v))[0]
+
+
+class StepProgram:
+    """A batch-1 decode step recorded once as a list of kernel calls over fixed buffers, run by one C call per token.
+
+    The single-token ops of a decoder layer cost a few microseconds of Python each, about a tenth of a decode step
+    of a 350M model once the products stream at memory bandwidth; a program removes all of it. Layers record
+    themselves through the methods below (``x`` / ``out`` are tensors the program keeps alive; ``buffer`` makes
+    scratch space). What changes per token -- the KV slot, the RoPE position, cache addresses that may move when a
+    buffer grows -- lives in ``dyn``: words 0 and 1 are the slot and the position, and :meth:`dynamic` reserves more
+    words, filled before every run by a callback. Every op is one of the kernels above, so a program computes what
+    the per-op fast path computes (same kernels, same rounding points)."""
+
+    def __init__(self, dtype: torch.dtype):
+        if _load() is None or 8 in _state["off"]:
+            raise NotProgrammable("the compiled kernels are unavailable or ZOO_DISABLE_STEP_PROGRAM is set")
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise NotProgrammable(f"activations in {dtype}")
+        self.dtype, self.bf = dtype, int(dtype is torch.bfloat16)
+        self.ops: list[list[int]] = []
+        self.keep: list[Any] = []  # tensors the program points into
+        self.fillers: list[tuple[int, int, Any]] = []  # (first dyn word, count, callback(state) -> ints)
+        self.after: list[Any] = []  # callbacks(state) once a run is done (cache bookkeeping)
+        self.ndyn = 2
+        self.watches: list[tuple[Any, str, Any, int]] = []  # (owner, attribute, module or None, tensor address)
+        self.memo: dict[Any, Any] = {}  # what layers share (scratch buffers, RoPE words)
+
+    # --------------------------------------------------------------- recording
+    def buffer(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = torch.zeros(*shape, dtype=dtype or self.dtype)
+        self.keep.append(t)
+        return t
+
+    def scratch(self, name: Any, n: int) -> torch.Tensor:
+        """A 1-D buffer of ``n`` activations shared by every layer that asks for ``name`` (layers run one by one)."""
+        key = ("scratch", name, n)
+        if key not in self.memo:
+            self.memo[key] = self.buffer(n)
+        return self.memo[key]
+
+    def watch(self, owner: Any, *names: str) -> None:
+        """Record ``owner.<name>`` (a submodule, tensor or None): :meth:`valid` turns False once it is replaced, or,
+        for a tensor, once its storage moved (``.to()``, ``.data =``); in-place updates are read by the next run."""
+        for name in names:
+            v = getattr(owner, name)
+            # the dict that holds the attribute (nn.Module keeps children, parameters and buffers in their own):
+            # checking it directly keeps a whole model's check at tens of microseconds per step
+            holder = next((d for d in (getattr(owner, a, None) for a in ("_parameters", "_buffers", "_modules"))
+                           if isinstance(d, dict) and name in d), None)
+            if holder is None:
+                holder = owner.__dict__
+            is_t = isinstance(v, torch.Tensor)
+            self.watches.append((holder, name, None if is_t else v, v.data_ptr() if is_t else 0))
+
+    def _ptr(self, t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
+        if t.device.type != "cpu" or not t.is_contiguous():
+            raise NotProgrammable("a tensor is not a contiguous CPU tensor")
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _emit(self, name: str, *words: int) -> None:
+        self.ops.append([_OPS[name], *[int(w) for w in words]] + [0] * (15 - len(words)))
+
+    def dynamic(self, n: int, fill) -> int:
+        """Reserve ``n`` per-step words filled by ``fill(state) -> sequence of n ints`` before every run (``state``:
+        what the caller passes to :meth:`run`; a fill may raise :class:`NotProgrammable` to refuse this step, so
+        fills must not change anything the caller's fallback would see; changes go in :meth:`on_done`)."""
+        first = self.ndyn
+        self.ndyn += n
+        self.fillers.append((first, n, fill))
+        return first
+
+    def on_done(self, fn) -> None:
+        """Call ``fn(state)`` after every run."""
+        self.after.append(fn)
+
+    def norm(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, eps: float) -> None:
+        k = weight.numel()
+        if weight.dtype is not self.dtype:
+            raise NotProgrammable("norm weight dtype")
+        self._emit("norm", self._ptr(x), self._ptr(weight), self._ptr(out), self.bf, x.numel() // k, k,
+                   _bits(eps))
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
+               bias: torch.Tensor | None = None) -> None:
+        """out = x @ weight.T (+ bias); int8 ``weight`` with per-row ``scale`` (in the activation dtype)."""
+        kind = _KIND.get(weight.dtype)
+        if kind is None or kind in _state["off"] or (kind < 2 and weight.dtype is not self.dtype) or weight.dim() != 2:
+            raise NotProgrammable(f"a {weight.dtype} weight")
+        if (kind == 2) != (scale is not None) or (scale is not None and scale.dtype is not self.dtype):
+            raise NotProgrammable("int8 weights need a per-row scale in the activation dtype")
+        n, k = weight.shape
+        if x.numel() != k or out.numel() != n:
+            raise NotProgrammable("linear shapes")
+        if weight.numel() * weight.element_size() >= 2 << 20:
+            use_hugepages(weight)
+        self._emit("gemv", kind, self._ptr(weight), self._ptr(x), self.bf, self._ptr(scale), self.bf,
+                   self._ptr(out), self.bf, n, k)
+        if bias is not None:
+            self.add(out, bias.to(self.dtype), out)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+        self._emit("add", self._ptr(a), self._ptr(b), self._ptr(out), out.numel(), self.bf)
+
+    def silu_mul(self, gate: torch.Tensor, up: torch.Tensor, out: torch.Tensor) -> None:
+        self._emit("silu_mul", self._ptr(gate), self._ptr(up), self._ptr(out), out.numel(), self.bf)
+
+    def conv(self, bcx: torch.Tensor, state_word: int, weight: torch.Tensor, bias: torch.Tensor | None,
+             out: torch.Tensor) -> None:
+        """LFM2's gated short conv (``conv_step``); ``dyn[state_word]``: the address of the [1, L-1, d] state."""
+        d = out.numel()
+        if weight.dtype is not self.dtype or (bias is not None and bias.dtype is not self.dtype):
+            raise NotProgrammable("conv weight dtype")
+        self._emit("conv", self._ptr(bcx), state_word, self._ptr(weight), self._ptr(bias), self._ptr(out),
+                   self.bf, d, weight.numel() // d)
+
+    def rope(self, x: torch.Tensor, rope_word: int, out: torch.Tensor, heads: int, head_dim: int) -> None:
+        """RoPE of one position; ``dyn[rope_word]`` / ``dyn[rope_word + 1]``: addresses of its cos / sin rows."""
+        self._emit("rope", self._ptr(x), rope_word, self._ptr(out), self.bf, heads, head_dim)
+
+    def kv_store(self, k: torch.Tensor, v: torch.Tensor, kv_word: int, kv_heads: int, head_dim: int) -> None:
+        self._emit("kv_store", self._ptr(k), self._ptr(v), kv_word, kv_heads, head_dim, self.bf)
+
+    def attention(self, q: torch.Tensor, out: torch.Tensor, kv_word: int, heads: int, kv_heads: int, head_dim: int,
+                  scale: float) -> None:
+        self._emit("attn", self._ptr(q), self._ptr(out), kv_word, self.bf, heads, kv_heads, head_dim, _bits(scale))
+
+    def finish(self) -> "StepProgram":
+        import ctypes
+
+        flat = [w for op in self.ops for w in op]
+        self._prog = (ctypes.c_int64 * len(flat))(*flat)
+        self._dyn = (ctypes.c_int64 * self.ndyn)()
+        return self
+
+    # --------------------------------------------------------------- running
+    def valid(self) -> bool:
+        """False once a watched submodule or weight was replaced or moved (see :meth:`watch`)."""
+        for holder, name, mod, ptr in self.watches:
+            v = holder.get(name)
+            if (v is None or v.data_ptr() != ptr) if ptr else (v is not mod):
+                return False
+        return True
+
+    def run(self, slot: int, position: int, state: Any) -> None:
+        """One step: ``slot`` (the KV position written, ``dyn[0]``), ``position`` (RoPE, ``dyn[1]``), ``state`` for
+        the fills. Raises :class:`NotProgrammable` (before anything ran) when a fill refuses the step."""
+        dyn = self._dyn
+        dyn[0], dyn[1] = slot, position
+        for first, n, fill in self.fillers:
+            vals = fill(state)
+            for i in range(n):
+                dyn[first + i] = vals[i]
+        _state["run"](self._prog, len(self.ops), dyn, torch.get_num_threads())
+        for fn in self.after:
+            fn(state)
