@@ -332,3 +332,18 @@ def test_torch_export_with_attention_mask(pair):
         for m in (mask, other):
             got = ep.module()(ids, attention_mask=m, use_cache=False).logits
             assert small(got - ours(ids, attention_mask=m, use_cache=False).logits, got)
+
+
+def test_save_pretrained_after_decoding_keeps_the_numbers(pair, tmp_path):
+    """A batch-1 decode records its step and moves the matrices into one arena (shared storage): saving still
+    writes every tensor and a reload gives the same logits."""
+    _, ours, _ = pair
+    ids = ids_of(1, 5)
+    with torch.no_grad():
+        ours.generate(ids, max_new_tokens=3, do_sample=False)
+        q = ours.model.layers[1].self_attn.q_proj.weight
+        assert q.untyped_storage().data_ptr() == ours.model.layers[0].feed_forward.w2.weight.untyped_storage().data_ptr()
+        want = ours(ids).logits
+        ours.save_pretrained(tmp_path)
+        back = ZooLfm2ForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(back(ids).logits, want, rtol=0, atol=0)

@@ -201,8 +201,12 @@ class KVBuffer:
             else:
                 cap = max(need, self.capacity_hint, 2 * (self.k.shape[2] if self.k is not None else 0))
                 cap = 64 * math.ceil(cap / 64)
-            nk = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            nv = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            shape = (k.shape[0], k.shape[1], cap, k.shape[3])
+            if k.device.type == "cpu" and math.prod(shape) * k.element_size() >= 1 << 20:
+                # 2 MiB pages from the first touch: decode attention streams these at long contexts
+                nk, nv = (_gemv.hugepage_empty(*shape, dtype=t.dtype) for t in (k, v))
+            else:
+                nk, nv = k.new_empty(shape), v.new_empty(shape)
             if self.k is not None and self.length:
                 nk[:, :, : self.length] = self.k[:, :, : self.length]
                 nv[:, :, : self.length] = self.v[:, :, : self.length]
@@ -642,6 +646,7 @@ def record_linear(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tenso
     """Record ``out = owner.<name>(x)`` for a ``Linear`` / ``nn.Linear`` or :class:`Int8Linear` child."""
     lin = getattr(owner, name)
     prog.watch(owner, name)
+    prog.weight_slots.append((lin, "qweight" if isinstance(lin, Int8Linear) else "weight"))
     if isinstance(lin, Int8Linear):
         prog.watch(lin, "qweight", "scale", "bias")
         prog.linear(x, lin.qweight, out, scale=_scale_in(lin, lin.scale, prog.dtype), bias=lin.bias)
@@ -662,6 +667,7 @@ def record_packed(prog: StepProgram, module: nn.Module, name: str, x: torch.Tens
     prog.watch(module, *names)
     for p in parts:
         prog.watch(p, *pk.names)
+        prog.weight_slots.append((p, pk.names[0]))
     w, extra = pk.tensors(parts)
     out = prog.scratch(("packed", name), pk.rows)
     if pk.int8:
@@ -681,6 +687,20 @@ def record_norm(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tensor,
 
 
 def _record_stack(module: nn.Module, dtype: torch.dtype) -> StepProgram:
+    module.__dict__.pop("_zoo_program", None)  # (the old program holds the old weights)
+    prog = _record_stack_once(module, dtype)
+    storages = {getattr(o, n).untyped_storage().data_ptr() for o, n in prog.weight_slots}
+    if len(storages) > 1:  # first recording (or weights replaced since): lay the matrices out in reading order
+        del prog
+        _gemv.move_to_arena(_record_stack_once(module, dtype).weight_slots)
+        for m in module.modules():  # packed projections now live in the arena: keep them (no repacking)
+            for name, pk in m.__dict__.get("_zoo_packed", {}).items():
+                pk.ptrs = pk._ptrs([getattr(m, c) for c in m.packed_projections[name]])
+        prog = _record_stack_once(module, dtype)
+    return prog
+
+
+def _record_stack_once(module: nn.Module, dtype: torch.dtype) -> StepProgram:
     prog = StepProgram(dtype)
     d = module.config.hidden_size
     prog.x, prog.y = prog.buffer(d), prog.buffer(d)
