@@ -577,9 +577,15 @@ class _PackedProjection:
         self.ptrs = self._ptrs(parts)
 
     def _ptrs(self, parts) -> tuple:
-        ts = [getattr(p, self.names[0]) for p in parts]
-        return (tuple(t.data_ptr() for t in ts), {t.untyped_storage().data_ptr() for t in ts}, ts[0].dtype,
-                ts[0].device)
+        out = []
+        for name in self.names:  # every packed tensor (an int8 scale converted on its own must be repacked too)
+            ts = [getattr(p, name) for p in parts]
+            if ts[0] is None:
+                out.append(tuple(t is None for t in ts))
+                continue
+            out.append((tuple(t.data_ptr() for t in ts), frozenset(t.untyped_storage().data_ptr() for t in ts),
+                        ts[0].dtype, ts[0].device))
+        return tuple(out)
 
     def valid(self, parts) -> bool:
         return isinstance(parts[0], Int8Linear) == self.int8 and self._ptrs(parts) == self.ptrs
