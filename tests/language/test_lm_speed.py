@@ -257,3 +257,21 @@ def test_zoo_generate_prints_llama_cpp_style_timings_and_eager_gives_the_same_te
         assert "prefill: " in cap.err and "decode:  15 tokens" in cap.err and "tokens/s" in cap.err
         assert ("eager path" if extra else "fast path") in cap.err
     assert outs[0] == outs[1] and outs[0].startswith("def f(")
+
+
+def test_nemotron_flash_style_operators_join_the_recorded_step_or_keep_their_steps():
+    """Attention without q/k norms and FFN-only layers record themselves; DeltaNet / Mamba2 (no ``record_step``)
+    keep the whole stack on the operators' steps. Both equal the eager path."""
+    import zoo.language.nemotron_flash  # noqa: F401 - registers nf_attention
+    import zoo.layers.recurrent_mixers  # noqa: F401 - registers ffn, deltanet, mamba2
+
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(5))
+    for types, programmable in ((("nf_attention", "ffn", "conv", "ffn"), True), (("mamba2", "ffn"), False)):
+        torch.manual_seed(0)
+        cfg = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=0, num_attention_heads=4,
+                           num_key_value_heads=2, layer_types=types, extra={"ffn_size": 48})
+        m = HybridLM(cfg).eval()
+        got = m.generate(ids, max_new_tokens=8, eos_token_id=None)
+        assert (m.model._zoo_program[1] is not None) is programmable, types
+        assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=8,
+                                                                                   eos_token_id=None))

@@ -965,9 +965,12 @@ class GQAttention(nn.Module):
     def record_step(self, prog: StepProgram, x: torch.Tensor, out: torch.Tensor) -> None:
         h, kvh, hd, idx, dt = self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx, prog.dtype
         q, k, v = record_packed(prog, self, "qkv", x)
-        qn, kn = prog.scratch("attn_qn", h * hd), prog.scratch("attn_kn", kvh * hd)
-        record_norm(prog, self, "q_layernorm", q, qn)
-        record_norm(prog, self, "k_layernorm", k, kn)
+        qn, kn = q, k
+        if not isinstance(self.q_layernorm, nn.Identity) or not isinstance(self.k_layernorm, nn.Identity):
+            qn, kn = prog.scratch("attn_qn", h * hd), prog.scratch("attn_kn", kvh * hd)
+            record_norm(prog, self, "q_layernorm", q, qn)
+            record_norm(prog, self, "k_layernorm", k, kn)
+        prog.watch(self, "q_layernorm", "k_layernorm")
         key = ("rope", hd, self.rope_theta)
         if key not in prog.memo:  # cos / sin rows of this step's position, from tables of 256 positions
             table: dict = {}
@@ -1035,7 +1038,7 @@ class DecoderLayer(nn.Module):
     def record_step(self, prog: StepProgram, x: torch.Tensor) -> None:
         """Record this layer's decode step, updating the residual buffer ``x`` in place (see ``run_program``)."""
         op = getattr(self, self.op_name)
-        if not hasattr(op, "record_step") or not hasattr(op, "step"):
+        if not hasattr(op, "record_step"):
             raise NotProgrammable(f"operator {type(op).__name__} has no record_step")
         prog.watch(self, self.op_name, "feed_forward")
         d = x.numel()
