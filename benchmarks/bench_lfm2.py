@@ -8,8 +8,9 @@ from which MODEL_CARD.md's LFM2 speed tables are generated (`make model-card`).
     python benchmarks/bench_lfm2.py --rss                           # also the peak RSS of load + generate
 
 Definitions
-- decode tok/s (batch 1): median time of single-token steps (forward + argmax) after a cache holding ``context``
-  tokens, each round starting from a copy of the same prefilled cache.
+- decode tok/s (batch 1): median time of single-token steps (forward + argmax of the logits in fp32, as generate's
+  logits processing casts them) after a cache holding ``context`` tokens, each round starting from a copy of the same
+  prefilled cache.
 - bandwidth bound: bytes read per decoded token -- every weight once (the tied embedding in full, as the head; int8:
   int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth,
   measured by 3 streaming sums over a buffer of exactly those bytes (at least 64 MiB; same threads) in every round
@@ -23,8 +24,10 @@ Definitions
 - threads: the first ``--threads`` value runs every path (fast, eager, transformers, prefill, batches); further
   values run the fast decode path again in the same rounds, each against a bandwidth bound measured with that many
   threads; their "vs eager" / "vs transformers" ratios compare with the first value's runs.
-- eager = ``model.set_decode_path("eager")`` (every token through ``forward``); fast = the default (operators'
-  ``step``, packed projections). Both compute the same tokens (tests/language/test_lm_speed.py).
+- eager = ``model.set_decode_path("eager")`` (every token through ``forward``); step = ``set_decode_path("step")``
+  (operators' ``step``, packed projections, one Python call per op); fast = the default (at batch 1 the whole layer
+  stack as one recorded program, ``zoo.layers.gemv.StepProgram``; batches take the step path). All compute the same
+  tokens (tests/language/test_lm_speed.py).
 """
 from __future__ import annotations
 
@@ -124,13 +127,13 @@ class Ours:
     def prefill(self, ids, mask=None, room: int = 64):
         self.m.set_decode_path(self.path)
         cache = self.m.new_cache(ids.shape[1] + room)
-        tok = self.m(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].argmax(-1)
+        tok = self.m(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float().argmax(-1)
         return tok, cache
 
     @torch.inference_mode()
     def step(self, tok, cache):
         self.m.set_decode_path(self.path)
-        return self.m(tok[:, None], cache=cache)[:, -1].argmax(-1)
+        return self.m(tok[:, None], cache=cache)[:, -1].float().argmax(-1)
 
 
 class HF:
@@ -141,11 +144,11 @@ class HF:
     def prefill(self, ids, mask=None, room: int = 64):
         out = self.m(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-        return out.logits[:, -1].argmax(-1), cache
+        return out.logits[:, -1].float().argmax(-1), cache
 
     @torch.inference_mode()
     def step(self, tok, cache):
-        return self.m(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1)
+        return self.m(tok[:, None], past_key_values=cache, use_cache=True).logits[:, -1].float().argmax(-1)
 
 
 def decode_rounds(runners: dict, ids, steps: int, repeats: int, limits: Limits, mask=None,
@@ -318,7 +321,7 @@ def main(argv=None) -> int:
 
             quantize_int8_(ours)  # bf16 activations
         act = torch.float32 if dt_name == "fp32" else torch.bfloat16
-        runners = {"fast": Ours(ours, "fast"), "eager": Ours(ours, "eager")}
+        runners = {"fast": Ours(ours, "fast"), "step": Ours(ours, "step"), "eager": Ours(ours, "eager")}
         if ref is not None and dt_name == "fp32":
             runners["transformers"] = HF(ref)
         extra = {f"fast@{t}": t for t in args.threads[1:]}  # the fast path again at more threads
