@@ -99,7 +99,7 @@ def test_benchmark_script_smoke(script, tmp_path):
         res = {r["case"]: r for r in doc["results"]}
         assert set(res) == {"zoo --help", "import zoo"} and res["import zoo"]["heavy_modules"] == []
     elif script == "bench_lfm2.py":  # every path ran; ours == transformers on the same weights
-        assert {r[0] for r in doc["tables"]["decode"]["rows"]} == {"zoo fast", "zoo eager", "transformers"}
+        assert {r[0] for r in doc["tables"]["decode"]["rows"]} == {"zoo fast", "zoo step", "zoo eager", "transformers"}
         assert len(doc["tables"]["batch"]["rows"]) == 2 and doc["tables"]["prefill"]["rows"]
         assert doc["settings"]["max_abs_logit_diff_vs_transformers"] < 1e-4
     else:
