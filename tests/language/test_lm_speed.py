@@ -7,6 +7,8 @@ Speed itself is measured in benchmarks/bench_lfm2.py, not here."""
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -99,7 +101,10 @@ def test_recorded_program_equals_the_step_path_and_follows_weight_and_dtype_chan
         if name == "bf16":
             m.to(torch.bfloat16)
         elif name == "int8" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            old = weakref.ref(m.model.layers[0].feed_forward.w2)
             quantize_int8_(m)
+            gc.collect()
+            assert old() is None  # the recorded program does not keep replaced layers (or their weights) alive
         before = counted["program"]
         got = _step_logits(m.set_decode_path("fast"), ids, steps=70)  # the KV buffer grows (64 + 64) mid-run
         assert counted["program"] == before + 70, name

@@ -703,6 +703,7 @@ def _record_stack(module: nn.Module, dtype: torch.dtype) -> StepProgram:
             for name, pk in m.__dict__.get("_zoo_packed", {}).items():
                 pk.ptrs = pk._ptrs([getattr(m, c) for c in m.packed_projections[name]])
         prog = _record_stack_once(module, dtype)
+    prog.weight_slots.clear()  # (module references: a kept program must not keep replaced layers alive)
     return prog
 
 

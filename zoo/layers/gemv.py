@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import weakref
 from typing import Any
 
 import torch
@@ -862,15 +863,20 @@ class StepProgram:
                            if isinstance(d, dict) and name in d), None)
             if holder is None:
                 holder = owner.__dict__
-            is_t = isinstance(v, torch.Tensor)
-            self.watches.append((holder, name, None if is_t else v, v.data_ptr() if is_t else 0))
+            if isinstance(v, torch.Tensor):
+                self.watches.append((holder, name, None, (v.data_ptr(), v.numel(), v.dtype)))
+            else:  # a module (or None), by weak reference: the program must not keep replaced layers alive
+                self.watches.append((holder, name, None if v is None else weakref.ref(v), None))
 
-    def _ptr(self, t: torch.Tensor | None) -> int:
+    def _ptr(self, t: torch.Tensor | None, hold: bool = True) -> int:
+        """The address of ``t``; ``hold=False`` for weights a module owns and the layer watches (the program must not
+        keep replaced weights alive; a replaced weight fails :meth:`valid` before the next run)."""
         if t is None:
             return 0
         if t.device.type != "cpu" or not t.is_contiguous():
             raise NotProgrammable("a tensor is not a contiguous CPU tensor")
-        self.keep.append(t)
+        if hold:
+            self.keep.append(t)
         return t.data_ptr()
 
     def _emit(self, name: str, *words: int) -> None:
@@ -898,7 +904,8 @@ class StepProgram:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
                bias: torch.Tensor | None = None) -> None:
-        """out = x @ weight.T (+ bias); int8 ``weight`` with per-row ``scale`` (in the activation dtype)."""
+        """out = x @ weight.T (+ bias); int8 ``weight`` with per-row ``scale`` (in the activation dtype). The caller
+        owns ``weight`` and watches it (not held here)."""
         kind = _KIND.get(weight.dtype)
         if kind is None or kind in _state["off"] or (kind < 2 and weight.dtype is not self.dtype) or weight.dim() != 2:
             raise NotProgrammable(f"a {weight.dtype} weight")
@@ -909,7 +916,7 @@ class StepProgram:
             raise NotProgrammable("linear shapes")
         if weight.numel() * weight.element_size() >= 2 << 20:
             use_hugepages(weight)
-        self._emit("gemv", kind, self._ptr(weight), self._ptr(x), self.bf, self._ptr(scale), self.bf,
+        self._emit("gemv", kind, self._ptr(weight, hold=False), self._ptr(x), self.bf, self._ptr(scale), self.bf,
                    self._ptr(out), self.bf, n, k)
         if bias is not None:
             self.add(out, bias.to(self.dtype), out)
@@ -951,9 +958,12 @@ class StepProgram:
     # --------------------------------------------------------------- running
     def valid(self) -> bool:
         """False once a watched submodule or weight was replaced or moved (see :meth:`watch`)."""
-        for holder, name, mod, ptr in self.watches:
+        for holder, name, ref, at in self.watches:
             v = holder.get(name)
-            if (v is None or v.data_ptr() != ptr) if ptr else (v is not mod):
+            if at is not None:
+                if v is None or v.data_ptr() != at[0] or v.numel() != at[1] or v.dtype != at[2]:
+                    return False
+            elif (v is not None) if ref is None else (v is not ref()):
                 return False
         return True
 
