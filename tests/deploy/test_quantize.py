@@ -138,6 +138,23 @@ def test_entropy_method_and_tail_and_softmax_kept_fp32(digits, tmp_path):
     assert det.report["fp32_tail_nodes"] >= 3 and det.report["max_logit_err"] < 0.05
 
 
+def test_moving_average_calibration_takes_the_mean_of_the_batch_ranges(trained, tmp_path):
+    """method="moving_average" (the deploy calibration of a QAT model): each range is the mean over the calibration
+    batches of the batch's min / max (what the QAT observers converge to); "minmax" takes the extremes."""
+    from onnx import numpy_helper
+
+    torch.manual_seed(0)
+    calib = torch.cat([torch.randn(8, 1, 8, 8), 3 * torch.randn(8, 1, 8, 8)])  # two batches of 8, ranges apart
+    lo, hi = calib.view(2, -1).min(1).values, calib.view(2, -1).max(1).values
+    for method, (rmin, rmax) in (("moving_average", (lo.mean(), hi.mean())), ("minmax", (lo.min(), hi.max()))):
+        res = quantize(trained, calib, tmp_path / f"{method}.onnx", method=method, num_batches=2,
+                       input_size=(1, 8, 8), test_data=None)
+        graph = onnx.load(str(res.path)).graph
+        init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        (q,) = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == graph.input[0].name]
+        assert float(init[q.input[1]]) == pytest.approx(float(rmax - rmin) / 255, rel=1e-5), method
+
+
 def test_family_rules_are_declared_once():
     import zoo.vision.nextvit as nv
 
@@ -203,7 +220,6 @@ def test_qat_fake_quant_round_trip(trained):
     model = copy.deepcopy(trained).train()
     w = model.body[0].weight.detach().clone()
     handles = prepare_qat(model)
-    assert len(handles) == 2  # the two ReLUs
     x = torch.randn(4, 1, 8, 8)
     model(x).sum().backward()  # straight-through gradients reach the latent weights
     assert model.body[0].parametrizations.weight.original.grad is not None
@@ -214,6 +230,64 @@ def test_qat_fake_quant_round_trip(trained):
     assert set(state) == set(trained.state_dict())
     remove_qat(model, handles)
     assert torch.equal(model.body[0].weight, w) and set(model.state_dict()) == set(trained.state_dict())
+    clean = copy.deepcopy(trained)
+    clean.load_state_dict(model.state_dict())  # the BatchNorm statistics of the training step
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), clean(x))  # no hook left
+
+
+class MobileBlock(nn.Module):
+    """Inverted bottleneck as in MobileDet-CPU: 1x1 conv-BN-hard-swish, depthwise conv-BN-ReLU6, SE (hard-swish,
+    sigmoid gate), 1x1 conv-BN, residual add."""
+
+    def __init__(self, c):
+        super().__init__()
+        from timm.layers.squeeze_excite import SEModule
+
+        self.pw = nn.Sequential(nn.Conv2d(c, 2 * c, 1, bias=False), nn.BatchNorm2d(2 * c), nn.Hardswish())
+        self.dw = nn.Sequential(nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c, bias=False),
+                                nn.BatchNorm2d(2 * c), nn.ReLU6(inplace=True))
+        self.se = SEModule(2 * c, rd_channels=8, act_layer=nn.Hardswish)
+        self.pwl = nn.Sequential(nn.Conv2d(2 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return x + self.pwl(self.se(self.dw(self.pw(x))))
+
+
+def test_qat_fake_quantizes_the_tensors_onnxruntime_quantizes(tmp_path):
+    """The QAT fake quantizers sit on exactly the tensors the deployed QDQ graph quantizes (input, conv outputs before
+    hard-swish, its gate and product, SE pooling / gate / product, residual add, ReLU6 merged into its conv), one
+    for one in execution order: with ranges observed on the calibration batch, each has onnxruntime's range (within
+    what quantizing the upstream tensors changes)."""
+    import copy
+
+    from onnx import numpy_helper
+
+    from zoo.deploy.quantize import prepare_qat
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.Hardswish(), MobileBlock(8),
+                          MobileBlock(8), nn.Conv2d(8, 6, 1)).eval()
+    for m in model.modules():  # BatchNorm statistics as after training, so the fold is not an identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.data.uniform_(0.5, 1.5)
+    calib = torch.randn(8, 3, 16, 16)
+    res = quantize(model, calib, tmp_path / "m.onnx", num_batches=1, min_samples=8, input_size=(3, 16, 16),
+                   test_data=None)
+    graph = onnx.load(str(res.path)).graph
+    init = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    ort = [(float(init[n.input[1]]), int(init[n.input[2]])) for n in graph.node if n.op_type == "QuantizeLinear"]
+    qat = copy.deepcopy(model)
+    handles = prepare_qat(qat)
+    called = []
+    for fq in handles.fake_quants:
+        fq.register_forward_hook(lambda mod, args, out: called.append(mod))
+    with torch.no_grad():
+        qat(calib)  # the first observation sets each range to the batch's min / max, as onnxruntime's MinMax
+    called = list(dict.fromkeys(called))
+    assert len(called) == len(ort) == 31
+    for (scale, zero_point), fq in zip(ort, called):
+        assert float(fq.scale) == pytest.approx(scale, rel=0.03) and abs(int(fq.zero_point) - zero_point) <= 2
 
 
 @pytest.fixture(scope="module")
@@ -279,6 +353,18 @@ def test_text_encoder_bad_calibration_data(text_quantized, tmp_path):
     with pytest.raises(QuantizationError, match="too few calibration samples.*token sequence"):
         quantize(text, ["one", "two"], out, num_batches=2, tokenizer=tok)
     assert not list(tmp_path.iterdir())
+
+
+def test_bench_int8_runtime_times_a_text_tower(text_quantized):
+    """zoo bench's onnxruntime-int8 runtime calibrates a token-id model on random token ids (it used to refuse it)."""
+    from zoo.bench import measure, text_tokens
+
+    text = text_quantized[0]
+    x = text_tokens(text, 2)
+    r = measure(text, x, "onnxruntime-int8", warmup=1, iters=3, threads=1)
+    assert r["iters"] == 3 and r["median_ms"] > 0
+    with pytest.raises(ValueError, match="not a token-id model"):
+        measure(TinyNet(), torch.zeros(2, 1, 8, 8, dtype=torch.long), "onnxruntime-int8", warmup=1, iters=1)
 
 
 def test_qoperator_format_writes_int8_nodes(trained, digits, tmp_path):

@@ -9,8 +9,10 @@ from lightning.pytorch.callbacks import Callback
 
 class QuantizationAwareTraining(Callback):
     """Quantization-aware fine-tuning: train with int8 fake quantization (``torch.ao.quantization.FakeQuantize``)
-    as ``zoo.deploy.quantize`` will deploy the model (per-channel int8 weights, uint8 activations), so the weights
-    adapt to the int8 grid; then export with ``zoo export --int8`` as usual. Add it to a recipe that starts from
+    on the tensors ``zoo.deploy.quantize`` quantizes when it deploys the model (per-channel symmetric int8 weights;
+    uint8 activations on every tensor of onnxruntime's QDQ graph: conv outputs before a hard-swish, its gate and
+    product, SE gates and products, residual adds, ReLU6 outputs; see ``zoo.deploy.quantize.prepare_qat``), so the
+    weights adapt to the int8 grid that is deployed; then export with ``zoo export --int8`` as usual. Add it to a recipe that starts from
     a trained fp32 checkpoint (``model_args: {checkpoint_path: ...}``) for models whose post-training int8 loses
     too much. Observers are frozen during validation; checkpoints keep the plain model's keys (loadable without
     this callback) and the fake quantizers are removed at the end of training (before ``DeployExport``).

@@ -8,8 +8,9 @@
 
 Flow: reparameterize -> fp32 ONNX (``zoo.deploy.export``, parity-checked) -> onnxruntime's ``quant_pre_process``
 (shape inference, graph fusions) -> ``quantize_static`` in QDQ format (int8 per-channel symmetric weights, uint8
-activations calibrated on a fixed number of batches, MinMax / Percentile / Entropy) -> a parity report of the int8
-model against the fp32 one on the test split. The file appears at ``path`` only when everything passed.
+activations calibrated on a fixed number of batches: MinMax / Percentile / Entropy / moving-average MinMax) -> a
+parity report of the int8 model against the fp32 one on the test split. The file appears at ``path`` only when
+everything passed.
 
 What stays fp32 is declared in one place, :data:`FAMILY_RULES`: every family gets the default rule (weighted layers
 and the ops between them quantized, the tail after the last weighted layer, e.g. a detector's box decoding and NMS,
@@ -35,7 +36,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-METHODS = ("minmax", "percentile", "entropy")
+METHODS = ("minmax", "percentile", "entropy", "moving_average")
 # ops onnxruntime quantizes in QDQ form by default; everything else (Softmax, Exp, Div, Greater, NonMaxSuppression,
 # TopK on scores, ...) stays fp32 unless a family rule adds it
 DEFAULT_OP_TYPES = (
@@ -346,7 +347,7 @@ def _ort_method(method: str):
 
     m = method.lower().replace("-", "").replace("_", "")
     table = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-             "entropy": CalibrationMethod.Entropy}
+             "entropy": CalibrationMethod.Entropy, "movingaverage": CalibrationMethod.MinMax}
     if m not in table:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(METHODS)}")
     return table[m]
@@ -460,7 +461,9 @@ def quantize(
             e.g. ``clip.text``): batches of integer token ids (N, L) (a caption DataModule's ``batch["text"]``), an
             integer tensor, or a list of texts with ``tokenizer``.
         path: the int8 ONNX file to write (only written when quantization and the report succeeded).
-        method: activation calibration, ``minmax``, ``percentile`` (``percentile`` of |x|) or ``entropy``.
+        method: activation calibration, ``minmax``, ``percentile`` (``percentile`` of |x|), ``entropy`` or
+            ``moving_average`` (the mean over the calibration batches of each batch's min / max: the ranges the
+            fake quantizers of quantization-aware training (:func:`prepare_qat`) use, so deploy a QAT model with it).
         num_batches: calibration batches (the first ones of the split, deterministic); at least ``min_samples``
             images in all.
         test_data: what the parity report runs on: ``"auto"`` (the test split when ``calibration_data`` is a
@@ -566,6 +569,10 @@ def quantize(
         input_name = proto.graph.input[0].name
         extra = {"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": percentile,
                  "CalibTensorRangeSymmetric": False, **(extra_options or {})}
+        if method.lower().replace("-", "").replace("_", "") == "movingaverage":
+            # onnxruntime's MinMax with CalibMovingAverage: the mean over the batches of each batch's min / max,
+            # the range torch's MovingAverageMinMaxObserver (the QAT fake quantizers) converges to
+            extra["CalibMovingAverage"] = True
         if rule.fp32_outputs_of:
             extra["OpTypesToExcludeOutputQuantization"] = list(rule.fp32_outputs_of)
         del proto
@@ -614,30 +621,130 @@ def quantize(
 
 
 # ------------------------------------------------------------------------------------------------- QAT
+#
+# The fake quantizers sit where the int8 graph that quantize() deploys has its Q/DQ pairs, so fine-tuning trains
+# for the grid that is deployed. In onnxruntime's QDQ graph of the exported deploy form (BatchNorm folded):
+#   - every Conv / Gemm / MatMul weight: int8 per output channel, symmetric, [-127, 127] (absmax / 127)
+#   - every activation tensor entering or leaving a quantized op: uint8 affine, one range per tensor; that is the
+#     folded conv's output *before* its activation (e.g. the input of HardSigmoid / Mul of a hard-swish), the
+#     HardSigmoid / Sigmoid output feeding the Mul, the Mul output, a residual Add's output, an SE block's product,
+#     a pooled tensor entering a conv, the network input
+#   - except a ReLU / ReLU6 (Relu / Clip) right after a conv: the quantizer removes it and quantizes the conv output
+#     with the activation's range (one Q/DQ, after the activation)
+#   - the tail after the last weighted layers (box decoding, NMS) stays fp32.
+# torch has no graph for this, so module hooks stand in for the ONNX tensors: a forward hook fake-quantizes the
+# output of every module (not the root) unless the output already is a fake-quantized tensor (marked by an
+# attribute) or the module is a conv followed by its BatchNorm (the fold) or a conv / BatchNorm followed by a ReLU
+# (the merge); a pre-hook on every conv / linear fake-quantizes an input no hook has quantized (functional ops:
+# ``x.mean()``, the image); hard-swish / SiLU (exported as HardSigmoid / Sigmoid + Mul) quantize the gate and the
+# product. Activations run out of place during QAT (an in-place activation would overwrite its quantized input).
 
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardswish, nn.SiLU, nn.GELU, nn.Hardsigmoid, nn.LeakyReLU)
+_MERGED_ACTS = (nn.ReLU, nn.ReLU6)  # onnxruntime's removable activations (Relu, Clip)
+_GATED_ACTS = {nn.Hardswish: torch.nn.functional.hardsigmoid, nn.SiLU: torch.sigmoid}  # x * gate(x) in ONNX
+_MARK = "_zoo_int8_fq"
+
+
+def _act_fake_quant(device):
+    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver
+
+    # uint8 affine per tensor, the range including 0, scale (max - min) / 255: onnxruntime's activation scheme
+    return FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
+                        qscheme=torch.per_tensor_affine).to(device)
+
+
+def _marked(t) -> bool:
+    return getattr(t, _MARK, False)
+
+
+def _fq(fq, t: torch.Tensor) -> torch.Tensor:
+    out = fq(t)
+    setattr(out, _MARK, True)
+    return out
+
+
+def _unfused_outputs(model: nn.Module) -> set[int]:
+    """ids of modules whose output is not a tensor of the deployed int8 graph: a conv / linear directly followed by
+    its BatchNorm (folded), a conv or BatchNorm directly followed by a ReLU / ReLU6 (merged by the quantizer).
+    "Directly followed": the next child of the same parent in registration order (``nn.Sequential``, ConvNorm's
+    conv / norm / act), skipping ``nn.Identity``."""
+    out: set[int] = set()
+    for parent in model.modules():
+        kids = [m for m in parent.children() if not isinstance(m, nn.Identity)]
+        for a, b in zip(kids, kids[1:]):
+            if isinstance(a, (nn.Conv1d, nn.Conv2d, nn.Linear)) and isinstance(b, nn.modules.batchnorm._BatchNorm):
+                out.add(id(a))
+            if isinstance(a, (nn.Conv1d, nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) and isinstance(
+                    b, _MERGED_ACTS):
+                out.add(id(a))
+    return out
+
+
+class _QatHooks(list):
+    """The hook handles of :func:`prepare_qat` with their fake quantizers and the activations made out of place."""
+
+    fake_quants: list
+    inplace: list
 
 
 def prepare_qat(model: nn.Module, activations: bool = True) -> list:
-    """Insert int8 fake quantization (``torch.ao.quantization.FakeQuantize``) for quantization-aware fine-tuning,
-    matching what :func:`quantize` produces: per-channel symmetric int8 weights of every Conv / Linear (a weight
-    parametrization, so BatchNorm folding afterwards keeps each channel's grid) and uint8 affine activations at the
-    outputs of the activation layers (forward hooks). Returns the hook handles for :func:`remove_qat`."""
+    """Insert int8 fake quantization (``torch.ao.quantization.FakeQuantize``) for quantization-aware fine-tuning at
+    the places :func:`quantize` puts its Q/DQ pairs (see the comment above): per-channel symmetric int8 weights of
+    every Conv / Linear (a weight parametrization; BatchNorm folding afterwards scales each output channel, which
+    keeps its symmetric per-channel grid) and uint8 affine activations on every tensor of the deployed int8 graph
+    (module hooks). Returns the hook handles for :func:`remove_qat` / :func:`set_qat_observers`."""
     import torch.nn.utils.parametrize as P
-    from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+    from torch.ao.quantization import FakeQuantize, MovingAveragePerChannelMinMaxObserver, ObserverBase
 
-    handles = []
-    for m in model.modules():
+    handles = _QatHooks()
+    handles.fake_quants, handles.inplace = [], []
+    device = next(model.parameters()).device
+    modules = [m for m in model.modules() if not isinstance(m, (P.ParametrizationList, FakeQuantize, ObserverBase))]
+    for m in modules:
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not P.is_parametrized(m, "weight"):
             # averaging_constant=1: the range of the current weights, as the post-training quantizer will see them
             fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0, quant_min=-127,
                               quant_max=127, dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=0)
             P.register_parametrization(m, "weight", fq.to(m.weight.device))
-        elif activations and isinstance(m, _ACTIVATIONS):
-            fq = FakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255, dtype=torch.quint8,
-                              qscheme=torch.per_tensor_affine).to(next(model.parameters()).device)
-            handles.append(m.register_forward_hook(lambda mod, inp, out, fq=fq: fq(out)))
-            handles[-1].fake_quant = fq
+    if not activations:
+        return handles
+    unfused = _unfused_outputs(model)
+
+    def new_fq():
+        fq = _act_fake_quant(device)
+        handles.fake_quants.append(fq)
+        return fq
+
+    for m in modules:  # the model's own modules, not the weight fake quantizers just added
+        if m is model:
+            continue
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+            handles.inplace.append(m)
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            def pre(mod, args, fq=new_fq()):
+                x = args[0]
+                if isinstance(x, torch.Tensor) and x.is_floating_point() and not _marked(x):
+                    return (_fq(fq, x), *args[1:])
+                return None
+
+            handles.append(m.register_forward_pre_hook(pre))
+        if id(m) in unfused or isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd)):  # no op in the graph
+            continue
+        gate = next((g for t, g in _GATED_ACTS.items() if type(m) is t), None)
+        if gate is not None:
+            def gated(mod, args, out, gate=gate, fq_g=new_fq(), fq_y=new_fq()):
+                x = args[0]
+                return _fq(fq_y, x * _fq(fq_g, gate(x)))
+
+            handles.append(m.register_forward_hook(gated))
+            continue
+
+        def post(mod, args, out, fq=new_fq()):
+            if isinstance(out, torch.Tensor) and out.is_floating_point() and not _marked(out):
+                return _fq(fq, out)
+            return None
+
+        handles.append(m.register_forward_hook(post))
     return handles
 
 
@@ -647,6 +754,8 @@ def remove_qat(model: nn.Module, handles: Sequence = ()) -> nn.Module:
 
     for h in handles:
         h.remove()
+    for m in getattr(handles, "inplace", ()):
+        m.inplace = True
     for m in model.modules():
         if P.is_parametrized(m, "weight"):
             P.remove_parametrizations(m, "weight", leave_parametrized=False)
@@ -669,6 +778,6 @@ def set_qat_observers(model: nn.Module, handles: Sequence, enabled: bool) -> Non
     """Freeze (``False``) or resume (``True``) the range observers, e.g. frozen for validation."""
     from torch.ao.quantization import FakeQuantize
 
-    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)] + [h.fake_quant for h in handles]
+    fqs = [m for m in model.modules() if isinstance(m, FakeQuantize)] + list(getattr(handles, "fake_quants", ()))
     for fq in fqs:
         fq.enable_observer() if enabled else fq.disable_observer()
