@@ -8,7 +8,8 @@ Runtimes:
     onnxruntime  the deploy form exported to ONNX (dynamo exporter, parity-checked), run by onnxruntime's CPU provider
     compile      ``torch.compile`` of the deploy form (compile time is part of the warm-up, not of the timings)
     onnxruntime-int8  the deploy form quantized to int8 (``zoo.deploy.quantize``: QDQ, per-channel weights), run by
-                 onnxruntime; calibrated on 16 random-normal inputs, so it times the int8 graph, not its accuracy
+                 onnxruntime; calibrated on 16 random-normal inputs (a text tower: 16 rows of random token ids), so it
+                 times the int8 graph, not its accuracy
 
 CLIP models (``encode_image`` / ``encode_text``, e.g. ``mobileclip_s0``) are timed per encoder: rows ``NAME:image`` and
 ``NAME:text`` (random token ids filling the context), as the two are used apart.
@@ -108,11 +109,12 @@ def clip_towers(model: nn.Module) -> dict[str, nn.Module] | None:
     return towers if all(isinstance(t, nn.Module) for t in towers.values()) else None
 
 
-def text_tokens(model: nn.Module, batch_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Token ids filling a CLIP model's context (the text tower runs the whole context whatever the caption length),
-    each row with the end-of-text id (the largest id, which EOT pooling looks for) at its last position."""
+def text_tokens(model: nn.Module, batch_size: int, device: str | torch.device = "cpu", seed: int = 0) -> torch.Tensor:
+    """Token ids filling a CLIP model's (or text tower's) context (the text tower runs the whole context whatever the
+    caption length), each row with the end-of-text id (the largest id, which EOT pooling looks for) at its last
+    position."""
     n_ctx, vocab = int(model.context_length), int(model.vocab_size)
-    ids = torch.randint(1, vocab - 1, (batch_size, n_ctx), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(1, vocab - 1, (batch_size, n_ctx), generator=torch.Generator().manual_seed(seed))
     ids[:, -1] = vocab - 1
     return ids.to(device)
 
@@ -259,12 +261,17 @@ def measure(
 
             with tempfile.TemporaryDirectory(dir=workdir) as tmp:
                 if runtime == "onnxruntime-int8":
-                    if not x.is_floating_point():
-                        raise ValueError("onnxruntime-int8 calibrates on random-normal inputs; it cannot time a model "
-                                         "that takes token ids (e.g. a CLIP text encoder): leave it out for such models")
-                    from zoo.deploy.quantize import quantize
+                    from zoo.deploy.quantize import quantize, takes_tokens
 
-                    calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+                    if x.is_floating_point():
+                        calib = torch.randn(16, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+                    elif takes_tokens(run_model):  # a text encoder: random token ids as long as the timed ones
+                        calib = text_tokens(run_model, 16, seed=1)[:, -x.shape[1]:]
+                    else:
+                        raise ValueError(
+                            f"onnxruntime-int8 calibrates on random inputs; {type(model).__name__} takes {x.dtype} "
+                            "inputs but is not a token-id model (integer vocab_size and context_length attributes): "
+                            "give it float inputs or leave this runtime out for it")
                     path = quantize(run_model, calib, Path(tmp) / "model.int8.onnx", num_batches=2, test_data=None,
                                     reparameterize=False, input_size=tuple(x.shape[1:])).path
                 elif onnx_path is None and not x.is_floating_point():  # token ids: export's check perturbs floats
