@@ -6,8 +6,9 @@ that rate for fp32 only roughly, and reach well under half of it for bf16 weight
 (``_weight_int8pack_mm`` is compute-bound for one row). The kernels here, in a small C file compiled with the system C
 compiler on first use (AVX512; loaded with ctypes, no torch headers, cached under ``$ZOO_HOME/kernels``):
 
-* read each weight row as one sequential stream (a software prefetch runs ahead of it; measured on this project's
-  Zen 4 VM, several interleaved row streams read markedly slower than one);
+* read each weight row as one sequential stream (a software prefetch runs ahead of it; measured on the Zen 4 VM this
+  project first ran on, several interleaved row streams read markedly slower than one; on the current Xeon they read
+  no faster either);
 * widen bf16 weights to fp32 by a 16-bit shift and int8 weights by a sign-extending convert, then use fp32 FMAs, so
   every product is exact and sums are fp32: the math of ``F.linear`` on the dequantized weights, up to summation
   order (int8: the per-row scale multiplies the finished dot product; activations are never quantized);
@@ -18,6 +19,11 @@ compiler on first use (AVX512; loaded with ctypes, no torch headers, cached unde
 other devices or dtypes, a missing compiler, a non-AVX512 CPU, ``ZOO_DISABLE_{F32,BF16,INT8}_GEMV=1``) runs the stock
 product. :func:`int8_linear` is the int8 weight-only product (per-output-row scales) with the same fallback
 (``_weight_int8pack_mm``).
+
+Once the products stream at bandwidth, the Python around them is the rest of a step (~0.4 ms per layer). A
+:class:`StepProgram` records a whole batch-1 decode step as a list of these kernel calls over fixed buffers and runs
+it with one C call per token (``zoo_run``); :func:`move_to_arena` lays the recorded matrices out in reading order in one
+buffer of 2 MiB pages. ``ZOO_DISABLE_STEP_PROGRAM=1`` turns programs off.
 """
 from __future__ import annotations
 
