@@ -340,13 +340,15 @@ static job_t cur;
 static int64_t bounds[MAXT + 1];
 static int parts_now;
 
+static atomic_int hot;               /* a step program is running: workers keep spinning between its products */
 static long start_gen[MAXT + 1];   /* the call count when a worker was created (it may start running later) */
 
 static void *worker(void *arg) {
     int id = (int)(intptr_t)arg;
     long seen = start_gen[id];
     for (;;) {
-        for (int i = 0; i < 2000 && atomic_load_explicit(&gen, memory_order_acquire) == seen; i++) _mm_pause();
+        for (int i = 0; (i < 2000 || atomic_load_explicit(&hot, memory_order_relaxed)) &&
+                        atomic_load_explicit(&gen, memory_order_acquire) == seen; i++) _mm_pause();
         if (atomic_load_explicit(&gen, memory_order_acquire) == seen) {
             pthread_mutex_lock(&mu);
             while (atomic_load(&gen) == seen) pthread_cond_wait(&go_cv, &mu);
@@ -437,6 +439,7 @@ static inline void wrv(void *p, int64_t i, float v, int bf) { if (bf) ((uint16_t
 static inline float f32_of(int64_t bits) { uint32_t u = (uint32_t)bits; float f; memcpy(&f, &u, 4); return f; }
 
 void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads) {
+    if (threads > 1) atomic_store(&hot, 1); /* (the products come back to back: a sleeping worker costs ~50 us) */
     for (int64_t i = 0; i < nops; i++) {
         const int64_t *op = prog + 16 * i;
         switch (op[0]) {
@@ -494,6 +497,7 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
             break;
         }
     }
+    atomic_store(&hot, 0);
 }
 #undef P
 """
