@@ -236,6 +236,31 @@ def test_qat_fake_quant_round_trip(trained):
         assert torch.equal(model.eval()(x), clean(x))  # no hook left
 
 
+def test_qat_callback_freezes_batchnorm_and_can_run_without_fake_quant(trained):
+    """freeze_bn keeps BatchNorm on its running statistics whenever Lightning switches the model to train mode;
+    weights=False, activations=False leaves the fp32 model untouched (a control run)."""
+    import copy
+    import types
+
+    from zoo.deploy.qat import QuantizationAwareTraining
+
+    for kw, quantized in (({}, True), ({"weights": False, "activations": False}, False)):
+        module = types.SimpleNamespace(model=copy.deepcopy(trained))
+        cb = QuantizationAwareTraining(**kw)
+        cb.on_fit_start(None, module)
+        module.model.train()
+        cb.on_train_batch_start(None, module, None, 0)
+        bns = [m for m in module.model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns and not any(bn.training for bn in bns) and module.model.body[0].training
+        stats = bns[0].running_mean.clone()
+        with torch.no_grad():
+            module.model(torch.randn(4, 1, 8, 8) * 5)  # a training-mode forward on other statistics
+        assert torch.equal(bns[0].running_mean, stats)  # not updated
+        assert hasattr(module.model.body[0], "parametrizations") == quantized
+        cb.on_train_end(None, module)
+        assert not hasattr(module.model.body[0], "parametrizations")
+
+
 class MobileBlock(nn.Module):
     """Inverted bottleneck as in MobileDet-CPU: 1x1 conv-BN-hard-swish, depthwise conv-BN-ReLU6, SE (hard-swish,
     sigmoid gate), 1x1 conv-BN, residual add."""

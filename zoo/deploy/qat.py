@@ -18,17 +18,32 @@ class QuantizationAwareTraining(Callback):
     this callback) and the fake quantizers are removed at the end of training (before ``DeployExport``).
 
     Args:
-        activations: also fake-quantize the outputs of activation layers (else weights only).
+        activations: fake-quantize the activations.
+        weights: fake-quantize the weights (``weights=False, activations=False``: no fake quantization at all, the
+            same fine-tuning in fp32, e.g. as a control).
+        freeze_bn: BatchNorm layers normalize with their running statistics and stop updating them, so every
+            training forward computes what the deployed model (BatchNorm folded into the conv) computes and the
+            ranges the fake quantizers observe are the deployed tensors' (with batch statistics they are not).
     """
 
-    def __init__(self, activations: bool = True):
-        self.activations = activations
+    def __init__(self, activations: bool = True, weights: bool = True, freeze_bn: bool = True):
+        self.activations, self.weights = activations, weights
+        self.freeze_bn = freeze_bn
         self._handles: list | None = None
+        self._bns: list = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        from torch import nn
+
         from zoo.deploy.quantize import prepare_qat
 
-        self._handles = prepare_qat(pl_module.model, self.activations)
+        self._handles = prepare_qat(pl_module.model, self.activations, self.weights)
+        self._bns = [m for m in pl_module.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] \
+            if self.freeze_bn else []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        for bn in self._bns:  # Lightning puts the model back in train mode after validation / at each epoch
+            bn.eval()
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._handles is not None:

@@ -686,12 +686,13 @@ class _QatHooks(list):
     inplace: list
 
 
-def prepare_qat(model: nn.Module, activations: bool = True) -> list:
+def prepare_qat(model: nn.Module, activations: bool = True, weights: bool = True) -> list:
     """Insert int8 fake quantization (``torch.ao.quantization.FakeQuantize``) for quantization-aware fine-tuning at
     the places :func:`quantize` puts its Q/DQ pairs (see the comment above): per-channel symmetric int8 weights of
     every Conv / Linear (a weight parametrization; BatchNorm folding afterwards scales each output channel, which
     keeps its symmetric per-channel grid) and uint8 affine activations on every tensor of the deployed int8 graph
-    (module hooks). Returns the hook handles for :func:`remove_qat` / :func:`set_qat_observers`."""
+    (module hooks); ``activations`` / ``weights`` switch either off. Returns the hook handles for :func:`remove_qat`
+    / :func:`set_qat_observers`."""
     import torch.nn.utils.parametrize as P
     from torch.ao.quantization import FakeQuantize, MovingAveragePerChannelMinMaxObserver, ObserverBase
 
@@ -699,7 +700,7 @@ def prepare_qat(model: nn.Module, activations: bool = True) -> list:
     handles.fake_quants, handles.inplace = [], []
     device = next(model.parameters()).device
     modules = [m for m in model.modules() if not isinstance(m, (P.ParametrizationList, FakeQuantize, ObserverBase))]
-    for m in modules:
+    for m in modules if weights else ():
         if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) and not P.is_parametrized(m, "weight"):
             # averaging_constant=1: the range of the current weights, as the post-training quantizer will see them
             fq = FakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, averaging_constant=1.0, quant_min=-127,
