@@ -693,7 +693,7 @@ def record_norm(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tensor,
 
 
 def _record_stack(module: nn.Module, dtype: torch.dtype) -> StepProgram:
-    module.__dict__.pop("_zoo_program", None)  # (the old program holds the old weights)
+    module.__dict__.pop("_zoo_program", None)  # (a failed recording must not leave the stale program)
     prog = _record_stack_once(module, dtype)
     storages = {getattr(o, n).untyped_storage().data_ptr() for o, n in prog.weight_slots}
     if len(storages) > 1:  # first recording (or weights replaced since): lay the matrices out in reading order
