@@ -264,19 +264,28 @@ def test_zoo_generate_prints_llama_cpp_style_timings_and_eager_gives_the_same_te
     assert outs[0] == outs[1] and outs[0].startswith("def f(")
 
 
-def test_nemotron_flash_style_operators_join_the_recorded_step_or_keep_their_steps():
-    """Attention without q/k norms and FFN-only layers record themselves; DeltaNet / Mamba2 (no ``record_step``)
-    keep the whole stack on the operators' steps. Both equal the eager path."""
+def test_nemotron_flash_style_operators_join_the_recorded_step():
+    """Attention without q/k norms, FFN-only layers, DeltaNet and Mamba2 (grouped B / C) record their steps: the
+    program's logits equal the step path's (bf16: bitwise; fp32: float round-off) and greedy tokens equal eager."""
     import zoo.language.nemotron_flash  # noqa: F401 - registers nf_attention
     import zoo.layers.recurrent_mixers  # noqa: F401 - registers ffn, deltanet, mamba2
 
     ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(5))
-    for types, programmable in ((("nf_attention", "ffn", "conv", "ffn"), True), (("mamba2", "ffn"), False)):
+    for types in (("nf_attention", "ffn", "conv", "ffn"), ("deltanet", "ffn", "mamba2", "nf_attention")):
         torch.manual_seed(0)
-        cfg = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=0, num_attention_heads=4,
-                           num_key_value_heads=2, layer_types=types, extra={"ffn_size": 48})
+        cfg = HybridConfig(vocab_size=64, hidden_size=64, intermediate_size=0, num_attention_heads=4,
+                           num_key_value_heads=2, layer_types=types,
+                           extra={"ffn_size": 96, "mamba_d_state": 16, "mamba_headdim": 16, "mamba_ngroups": 2})
         m = HybridLM(cfg).eval()
         got = m.generate(ids, max_new_tokens=8, eos_token_id=None)
-        assert (m.model._zoo_program[1] is not None) is programmable, types
+        assert m.model._zoo_program[1] is not None, types
         assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=8,
                                                                                    eos_token_id=None))
+        for dtype in (torch.float32, torch.bfloat16):
+            m.to(dtype)
+            fast = _step_logits(m.set_decode_path("fast"), ids, steps=10)
+            step = _step_logits(m.set_decode_path("step"), ids, steps=10)
+            if dtype is torch.float32:
+                torch.testing.assert_close(fast, step, rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(fast, step), types

@@ -432,11 +432,116 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
    16 int64 words (opcode, operands); dyn[] holds what changes per step: dyn[0] the cache length before this token
    (= its KV slot), dyn[1] its RoPE position, then per-layer words (KV buffer / conv state addresses and strides)
    referenced by index. Elementwise results round where the PyTorch ops they replace round. */
-enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN };
+enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN, OP_DELTANET, OP_MAMBA2 };
 #define P(i) ((void *)(intptr_t)op[i])
 static inline float rdv(const void *p, int64_t i, int bf) { return bf ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
 static inline void wrv(void *p, int64_t i, float v, int bf) { if (bf) ((uint16_t *)p)[i] = to_bf16(v); else ((float *)p)[i] = v; }
 static inline float f32_of(int64_t bits) { uint32_t u = (uint32_t)bits; float f; memcpy(&f, &u, 4); return f; }
+
+/* Depthwise causal conv of one new input per channel, then SiLU: window = (the L-1 cached inputs, x), taps w[ch]
+   (row stride L; wsel picks the tap matrix of a channel range: three for DeltaNet's q / k / v, one for Mamba2),
+   products and the tap sum rounded like ``(window * w).sum(1)`` (+ bias) in the dtype; the state shifts in place.
+   out (fp32) = silu of the rounded sum, rounded to the dtype like F.silu. */
+static void dwconv_silu_step(const void *x, void *st, const void *const *w, int64_t wsplit, const void *bias,
+                             float *out, int bf, int64_t C, int64_t L) {
+    for (int64_t c0 = 0; c0 < C; c0 += 16) {
+        float zs[16] = {0};
+        for (int64_t l = 0; l < 16 && c0 + l < C; l++) {
+            int64_t ch = c0 + l;
+            const void *wc = w[ch / wsplit];
+            int64_t wi = (ch % wsplit) * L;
+            float y = rdv(x, ch, bf), z = 0.0f;
+            for (int64_t j = 0; j < L; j++) {
+                float xv = j < L - 1 ? rdv(st, j * C + ch, bf) : y;
+                float pr = xv * rdv(wc, wi + j, bf);
+                z += bf ? from_bf16(to_bf16(pr)) : pr;
+            }
+            if (bf) z = from_bf16(to_bf16(z));
+            if (bias) { z += rdv(bias, ch, bf); if (bf) z = from_bf16(to_bf16(z)); }
+            for (int64_t j = 0; j + 1 < L - 1; j++) wrv(st, j * C + ch, rdv(st, (j + 1) * C + ch, bf), bf);
+            if (L > 1) wrv(st, (L - 2) * C + ch, y, bf);
+            zs[l] = z;
+        }
+        __m512 g = _mm512_loadu_ps(zs);
+        __m512 sv = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512neg(g)));
+        float o[16];
+        _mm512_storeu_ps(o, sv);
+        for (int64_t l = 0; l < 16 && c0 + l < C; l++) out[c0 + l] = bf ? from_bf16(to_bf16(o[l])) : o[l];
+    }
+}
+
+/* DeltaNet decode step (one token): qkvb = packed q|k|v|b products [3d + H], conv over q|k|v + SiLU, L2-normed q (x
+   hd^-0.5) and k, beta = sigmoid(b); per head the fp32 state s [hd, hd]: u = (v - k s) beta, s += k^T u, o = q s;
+   o [d] rounded to the dtype (the o_norm and o_proj are separate ops). */
+static void deltanet_step(const void *qkvb, void *conv_st, float *s_all, const void *const *w, void *o, int bf,
+                          int64_t d, int64_t H, int64_t L) {
+    int64_t hd = d / H;
+    float *a = (float *)malloc(sizeof(float) * 3 * d), *u = (float *)malloc(sizeof(float) * 2 * hd);
+    if (!a || !u) { free(a); free(u); return; }
+    dwconv_silu_step(qkvb, conv_st, w, d, 0, a, bf, 3 * d, L);
+    for (int64_t h = 0; h < H; h++) {
+        float *q = a + h * hd, *k = a + d + h * hd, *v = a + 2 * d + h * hd, *s = s_all + h * hd * hd, *acc = u + hd;
+        float sq = 0.0f, sk = 0.0f;
+        for (int64_t i = 0; i < hd; i++) { sq += q[i] * q[i]; sk += k[i] * k[i]; }
+        float iq = 1.0f / sqrtf(sq + 1e-6f) * (1.0f / sqrtf((float)hd)), ik = 1.0f / sqrtf(sk + 1e-6f);
+        float b = rdv(qkvb, 3 * d + h, bf), beta = 1.0f / (1.0f + expf(-b));
+        for (int64_t j = 0; j < hd; j++) acc[j] = 0.0f;
+        for (int64_t i = 0; i < hd; i++) {
+            float ki = k[i] * ik;
+            for (int64_t j = 0; j < hd; j++) acc[j] += ki * s[i * hd + j];
+        }
+        for (int64_t j = 0; j < hd; j++) { u[j] = (v[j] - acc[j]) * beta; acc[j] = 0.0f; }
+        for (int64_t i = 0; i < hd; i++) {
+            float ki = k[i] * ik, qi = q[i] * iq;
+            for (int64_t j = 0; j < hd; j++) { s[i * hd + j] += ki * u[j]; acc[j] += qi * s[i * hd + j]; }
+        }
+        for (int64_t j = 0; j < hd; j++) wrv(o, h * hd + j, acc[j], bf);
+    }
+    free(a);
+    free(u);
+}
+
+/* Mamba2 decode step (one token): zxbcdt = in_proj output [d_inner | conv_dim | H]; conv + SiLU over conv_dim (x | B |
+   C); dt = softplus(dt + dt_bias); per head h (group g = h / (H / G)) the fp32 state s [P, N]:
+   s = s exp(-dt exp(A_log)) + dt x B^T, y = s C + D x; then y * silu(z) RMS-normed over each group's d_inner / G,
+   times the norm weight, rounded to the dtype into out [d_inner]. dims: d_inner, conv_dim, H, P, N, G, L, eps bits;
+   prm: dt_bias, A_log, D (fp32, or the dtype if pbf). */
+static void mamba2_step(const void *zx, void *conv_st, float *s_all, const void *w, const void *bias,
+                        const void *const *prm, int pbf, const void *nw, void *out, int bf, const int64_t *dims) {
+    int64_t di = dims[0], cd = dims[1], H = dims[2], P = dims[3], N = dims[4], G = dims[5], L = dims[6];
+    float eps = f32_of(dims[7]);
+    float *a = (float *)malloc(sizeof(float) * (cd + di));
+    if (!a) return;
+    float *y = a + cd;
+    dwconv_silu_step((const char *)zx + di * (bf ? 2 : 4), conv_st, &w, cd, bias, a, bf, cd, L);
+    const float *xs = a, *B = a + di, *Cm = a + di + G * N;
+    for (int64_t h = 0; h < H; h++) {
+        int64_t g = h / (H / G);
+        float dt = rdv(zx, di + cd + h, bf) + rdv(prm[0], h, pbf);
+        dt = dt > 20.0f ? dt : log1pf(expf(dt));
+        float decay = expf(dt * -expf(rdv(prm[1], h, pbf))), dd = rdv(prm[2], h, pbf);
+        for (int64_t p = 0; p < P; p++) {
+            float *s = s_all + (h * P + p) * N, xv = xs[h * P + p], acc = 0.0f, dx = dt * xv;
+            for (int64_t n = 0; n < N; n++) {
+                s[n] = s[n] * decay + dx * B[g * N + n];
+                acc += s[n] * Cm[g * N + n];
+            }
+            y[h * P + p] = acc + xv * dd;
+        }
+    }
+    int64_t gs = di / G;
+    for (int64_t g = 0; g < G; g++) {
+        float ss = 0.0f;
+        for (int64_t i = g * gs; i < (g + 1) * gs; i++) {
+            float zv = rdv(zx, i, bf), sz = zv / (1.0f + expf(-zv));
+            y[i] *= sz;
+            ss += y[i] * y[i];
+        }
+        float inv = 1.0f / sqrtf(ss / (float)gs + eps);
+        for (int64_t i = g * gs; i < (g + 1) * gs; i++) wrv(out, i, rdv(nw, i, bf) * (y[i] * inv), bf);
+    }
+    free(a);
+}
 
 void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads) {
     if (threads > 1) atomic_store(&hot, 1); /* (the products come back to back: a sleeping worker costs ~50 us) */
@@ -489,6 +594,19 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
                 memcpy((char *)(intptr_t)dyn[op[3]] + (h * sh + dyn[0] * hd) * es, (const char *)P(1) + h * hd * es, hd * es);
                 memcpy((char *)(intptr_t)dyn[op[3] + 1] + (h * sh + dyn[0] * hd) * es, (const char *)P(2) + h * hd * es, hd * es);
             }
+            break;
+        }
+        case OP_DELTANET: { /* qkvb, dyn index (conv state, fp32 state), wq, wk, wv, out, bf, d, heads, L */
+            const void *w3[3] = {P(3), P(4), P(5)};
+            deltanet_step(P(1), (void *)(intptr_t)dyn[op[2]], (float *)(intptr_t)dyn[op[2] + 1], w3, P(6), (int)op[7],
+                          op[8], op[9], op[10]);
+            break;
+        }
+        case OP_MAMBA2: { /* zxbcdt, dyn index (conv state, fp32 state), conv w, conv bias, dt_bias, A_log, D, param
+                             dtype, norm weight, out, bf, dims (int64 [8]) */
+            const void *prm[3] = {P(5), P(6), P(7)};
+            mamba2_step(P(1), (void *)(intptr_t)dyn[op[2]], (float *)(intptr_t)dyn[op[2] + 1], P(3), P(4), prm,
+                        (int)op[8], P(9), P(10), (int)op[11], (const int64_t *)P(12));
             break;
         }
         case OP_ATTN: /* q, o, dyn index (k base, v base, head stride), bf, heads, kv heads, hd, scale */
@@ -814,7 +932,8 @@ class NotProgrammable(Exception):
     """A layer (or this call's inputs) cannot be recorded into a :class:`StepProgram`; the caller runs its ops."""
 
 
-_OPS = {"norm": 1, "gemv": 2, "add": 3, "silu_mul": 4, "conv": 5, "rope": 6, "kv_store": 7, "attn": 8}
+_OPS = {"norm": 1, "gemv": 2, "add": 3, "silu_mul": 4, "conv": 5, "rope": 6, "kv_store": 7, "attn": 8, "deltanet": 9,
+        "mamba2": 10}
 
 
 def _bits(v: float) -> int:
@@ -956,6 +1075,31 @@ class StepProgram:
     def attention(self, q: torch.Tensor, out: torch.Tensor, kv_word: int, heads: int, kv_heads: int, head_dim: int,
                   scale: float) -> None:
         self._emit("attn", self._ptr(q), self._ptr(out), kv_word, self.bf, heads, kv_heads, head_dim, _bits(scale))
+
+    def deltanet(self, qkvb: torch.Tensor, state_word: int, conv_weights: list[torch.Tensor], out: torch.Tensor,
+                 heads: int) -> None:
+        """DeltaNet's decode step after its packed q|k|v|b product (``deltanet_step`` in the C source);
+        ``dyn[state_word]`` / ``+1``: addresses of the conv state [1, L-1, 3d] and the fp32 state [1, H, hd, hd]."""
+        if any(w.dtype is not self.dtype for w in conv_weights):
+            raise NotProgrammable("conv weight dtype")
+        d = out.numel()
+        self._emit("deltanet", self._ptr(qkvb), state_word, *[self._ptr(w) for w in conv_weights], self._ptr(out),
+                   self.bf, d, heads, conv_weights[0].shape[-1])
+
+    def mamba2(self, zxbcdt: torch.Tensor, state_word: int, conv_weight: torch.Tensor, conv_bias: torch.Tensor | None,
+               dt_bias: torch.Tensor, a_log: torch.Tensor, d_skip: torch.Tensor, norm_weight: torch.Tensor,
+               out: torch.Tensor, dims: dict, eps: float) -> None:
+        """Mamba2's decode step after its in_proj product (``mamba2_step`` in the C source); ``dyn[state_word]`` /
+        ``+1``: addresses of the conv state [1, L-1, conv_dim] and the fp32 state [1, H, P, N]."""
+        pdt = {dt_bias.dtype, a_log.dtype, d_skip.dtype}
+        if len(pdt) != 1 or next(iter(pdt)) not in (torch.float32, self.dtype) or conv_weight.dtype is not self.dtype \
+                or norm_weight.dtype is not self.dtype or (conv_bias is not None and conv_bias.dtype is not self.dtype):
+            raise NotProgrammable("Mamba2 parameter dtypes")
+        words = torch.tensor([dims["d_inner"], dims["conv_dim"], dims["nheads"], dims["headdim"], dims["d_state"],
+                              dims["ngroups"], conv_weight.shape[-1], _bits(eps)], dtype=torch.int64)
+        self._emit("mamba2", self._ptr(zxbcdt), state_word, self._ptr(conv_weight), self._ptr(conv_bias),
+                   self._ptr(dt_bias), self._ptr(a_log), self._ptr(d_skip), int(dt_bias.dtype is torch.bfloat16),
+                   self._ptr(norm_weight), self._ptr(out), self.bf, self._ptr(words))
 
     def finish(self) -> "StepProgram":
         import ctypes

@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo.language.hybrid import Linear, RMSNorm, SwiGLU, packed_linear, register_operator
+from zoo.language.hybrid import (Linear, NotProgrammable, RMSNorm, SwiGLU, packed_linear, record_linear, record_norm,
+                                 record_packed, register_operator)
 
 __all__ = [
     "DeltaNet", "Mamba2", "FFNOnly", "RecurrentState", "delta_rule_chunked", "delta_rule_recurrent",
@@ -236,6 +237,42 @@ class DeltaNet(nn.Module):
         o = self.o_norm((q @ s).transpose(1, 2).to(x.dtype))  # [B, 1, H, dv]
         return self.o_proj(o.reshape(bsz, 1, d))
 
+    def record_step(self, prog: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The step above as program ops (zoo.language.hybrid, step programs)."""
+        d, h, hd = out.numel(), self.num_heads, self.head_dim
+        q, k, v, b = record_packed(prog, self, "qkvb", x)
+        convs = [self.q_conv1d, self.k_conv1d, self.v_conv1d]
+        prog.watch(self, "q_conv1d", "k_conv1d", "v_conv1d")
+        for c in convs:
+            prog.watch(c, "weight")
+        taps = convs[0].weight.shape[-1]
+        word = _recurrent_state_words(prog, self.layer_idx, (1, taps - 1, 3 * d), (1, h, hd, hd))
+        o = prog.scratch("deltanet_o", d)
+        qkvb = prog.scratch(("packed", "qkvb"), 3 * d + h)  # the packed output buffer (q, k, v, b are views of it)
+        prog.deltanet(qkvb, word, [c.weight.detach() for c in convs], o, h)
+        normed = prog.scratch("deltanet_on", d)
+        record_norm(prog, self, "o_norm", o, normed)
+        record_linear(prog, self, "o_proj", normed, out)
+
+
+def _recurrent_state_words(prog: Any, idx: int, conv_shape: tuple, ssm_shape: tuple) -> int:
+    """A program word pair filled per step with the addresses of layer ``idx``'s conv state (activation dtype) and
+    fp32 state, after checking their shapes (a prefill leaves both)."""
+
+    def fill(ctx: Any) -> tuple[int, int]:
+        st = ctx.cache.layers[idx]
+        if (not isinstance(st, RecurrentState) or st.conv is None or st.ssm is None or st.conv.dtype is not prog.dtype
+                or tuple(st.conv.shape) != conv_shape or tuple(st.ssm.shape) != ssm_shape
+                or st.ssm.dtype is not torch.float32):
+            raise NotProgrammable("recurrent state")
+        if not st.conv.is_contiguous():
+            st.conv = st.conv.contiguous()
+        if not st.ssm.is_contiguous():
+            st.ssm = st.ssm.contiguous()
+        return st.conv.data_ptr(), st.ssm.data_ptr()
+
+    return prog.dynamic(2, fill)
+
 
 # ---------------------------------------------------------------------------------------------- Mamba2 (SSD)
 
@@ -416,6 +453,26 @@ class Mamba2(nn.Module):
         y = gated_rms_norm(y.reshape(bsz, 1, self.d_inner), z[:, None], self.norm.weight, self.norm_eps,
                            self.ngroups)
         return self.out_proj(y.to(x.dtype))
+
+    def record_step(self, prog: Any, x: torch.Tensor, out: torch.Tensor) -> None:
+        """The step above as program ops (zoo.language.hybrid, step programs)."""
+        dims = {"d_inner": self.d_inner, "conv_dim": self.conv_dim, "nheads": self.nheads, "headdim": self.headdim,
+                "d_state": self.d_state, "ngroups": self.ngroups}
+        zx = prog.scratch("mamba_in", self.in_proj.out_features)
+        record_linear(prog, self, "in_proj", x, zx)
+        prog.watch(self, "conv1d", "norm")
+        prog.watch(self.conv1d, "weight", "bias")
+        prog.watch(self.norm, "weight")
+        prog.watch(self, "dt_bias", "A_log", "D")
+        taps = self.conv1d.weight.shape[-1]
+        word = _recurrent_state_words(prog, self.layer_idx, (1, taps - 1, self.conv_dim),
+                                      (1, self.nheads, self.headdim, self.d_state))
+        y = prog.scratch("mamba_y", self.d_inner)
+        bias = self.conv1d.bias
+        prog.mamba2(zx, word, self.conv1d.weight.detach(), None if bias is None else bias.detach(),
+                    self.dt_bias.detach(), self.A_log.detach(), self.D.detach(), self.norm.weight.detach(), y, dims,
+                    self.norm_eps)
+        record_linear(prog, self, "out_proj", y, out)
 
 
 @register_operator("ffn")
