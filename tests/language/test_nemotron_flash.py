@@ -259,3 +259,36 @@ def test_weight_norm_training_export_and_zoo_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("def ")
     with pytest.raises(ValueError, match="normalize_weights_"):
         CausalLM("lfm2_350m", model_args={"hidden_size": 32}, weight_norm=True, vocab_size=64)
+
+
+def test_head_row_norms_are_kept_between_tokens_and_follow_weight_changes(model):
+    """Decoding does not re-read the head for its row norms every token, yet in-place updates, replaced weights and
+    training (autograd through the norms) all see the current weight."""
+    import copy
+
+    m = copy.deepcopy(model)
+    ids = torch.randint(1, 64, (1, 5), generator=torch.Generator().manual_seed(7))
+
+    def want(h):  # the normalisation written out
+        w = m.lm_head.weight
+        return h @ w.t() / w.float().norm(dim=1).clamp_min(1e-12)
+
+    h = torch.randn(1, 1, 32)
+    with torch.no_grad():
+        close(m.forward_head(h), want(h))
+        kept = m.lm_head._zoo_row_norms[1]
+        m.forward_head(h)
+        assert m.lm_head._zoo_row_norms[1] is kept  # the same tensor: not recomputed
+        m.lm_head.weight[3].mul_(5)  # in place
+        close(m.forward_head(h), want(h))
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight * torch.rand(64, 1))  # replaced
+        close(m.forward_head(h), want(h))
+    m.train()
+    m.zero_grad()
+    m(ids).float().logsumexp(-1).mean().backward()
+    g = m.lm_head.weight.grad.clone()
+    ref = copy.deepcopy(m)
+    ref.zero_grad()
+    w = ref.lm_head.weight
+    (ref.forward_features(ids) @ w.t() / w.float().norm(dim=1)).float().logsumexp(-1).mean().backward()
+    close(g, ref.lm_head.weight.grad)
