@@ -75,7 +75,8 @@ def test_benchmark_script_smoke(script, tmp_path):
         return
     if script == "bench_int8.py":  # a results file: int8 vs fp32 agreement, both timed at batch 1 and 8, profiled
         (row,) = doc["tables"]["int8"]["rows"]
-        assert row[0] == "tiny snn" and row[5] >= 90 and all(row[i] > 0 for i in (6, 7, 8, 9, 10, 11))
+        assert row[0] == "tiny snn" and row[2] == "minmax, 2 batches"
+        assert row[6] >= 90 and all(row[i] > 0 for i in (7, 8, 9, 10, 11, 12))
         (detail,) = doc["settings"]["details"]
         assert detail["calibration_images"] == 16 and detail["profile"] and doc["provenance"] == "measured"
         assert list(tmp_path.iterdir()) == [out]
