@@ -989,7 +989,8 @@ class StepProgram:
         self.fillers: list[tuple[int, int, Any]] = []  # (first dyn word, count, callback(state) -> ints)
         self.after: list[Any] = []  # callbacks(state) once a run is done (cache bookkeeping)
         self.ndyn = 2
-        self.watches: list[tuple[Any, str, Any, int]] = []  # (owner, attribute, module or None, tensor address)
+        self.watches: list[tuple[dict, str, Any]] = []  # (holder dict, attribute, weakref to the module or None)
+        self.tensor_watches: list[tuple[dict, str, int]] = []  # (holder dict, attribute, tensor address)
         self.weight_slots: list[tuple[Any, str]] = []  # (owner, attribute) of the matrices, in the order they are read
         self.memo: dict[Any, Any] = {}  # what layers share (scratch buffers, RoPE words)
 
@@ -1017,10 +1018,10 @@ class StepProgram:
                            if isinstance(d, dict) and name in d), None)
             if holder is None:
                 holder = owner.__dict__
-            if isinstance(v, torch.Tensor):
-                self.watches.append((holder, name, None, (v.data_ptr(), v.numel(), v.dtype)))
+            if isinstance(v, torch.Tensor):  # (a replaced or converted tensor is allocated before the old one
+                self.tensor_watches.append((holder, name, v.data_ptr()))  # is freed: its address differs)
             else:  # a module (or None), by weak reference: the program must not keep replaced layers alive
-                self.watches.append((holder, name, None if v is None else weakref.ref(v), None))
+                self.watches.append((holder, name, None if v is None else weakref.ref(v)))
 
     def _ptr(self, t: torch.Tensor | None, hold: bool = True) -> int:
         """The address of ``t``; ``hold=False`` for weights a module owns and the layer watches (the program must not
@@ -1137,12 +1138,15 @@ class StepProgram:
     # --------------------------------------------------------------- running
     def valid(self) -> bool:
         """False once a watched submodule or weight was replaced or moved (see :meth:`watch`)."""
-        for holder, name, ref, at in self.watches:
+        # (checked every step, right after the weights streamed through the caches: kept to dict lookups and one
+        # data_ptr call per weight, ~0.1-0.3 ms for a 350M model)
+        for holder, name, ref in self.watches:
             v = holder.get(name)
-            if at is not None:
-                if v is None or v.data_ptr() != at[0] or v.numel() != at[1] or v.dtype != at[2]:
-                    return False
-            elif (v is not None) if ref is None else (v is not ref()):
+            if (v is not None) if ref is None else (v is not ref()):
+                return False
+        for holder, name, ptr in self.tensor_watches:
+            v = holder.get(name)
+            if v is None or v.data_ptr() != ptr:
                 return False
         return True
 
