@@ -42,7 +42,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# as `zoo generate` does (zoo/cli.py): PyTorch's OpenMP workers must not spin on the cores the decode pool uses
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -418,6 +421,7 @@ def main(argv=None) -> int:
     }, settings={"threads": args.threads, "tiny": args.tiny, "contexts": args.contexts,
                  "prefill_len": args.prefill_len, "decode_steps": args.decode_steps, "repeats": args.repeats,
                  "batch_sizes": args.batch_sizes, "dtypes": args.dtypes, "transformers": hf_version,
+                 "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
                  "load_average_start": [round(x, 2) for x in load_start], "max_abs_logit_diff_vs_transformers": max_diff,
                  "read_bandwidth_GBs": {str(t): [round(b / 1e9, 2) for b in v]
                                         for t, v in limits.bw_by_threads.items()},

@@ -222,15 +222,25 @@ static inline void weighted_rows(const char *vb, int bf, int64_t hd, int64_t S, 
    kv head h / (H / KVH). Scores and softmax in fp32, output rounded to the dtype once. Query heads sharing a kv head
    run one after another, so their keys and values come from cache after the first. */
 #define ATT_MAXV 32 /* hd <= 512 */
-void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const uint8_t *keep, int bf,
-                     int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t hd, int64_t sb, int64_t sh, float scale) {
+typedef struct { const void *q, *k, *v; void *o; const uint8_t *keep; int bf; int64_t B, H, KVH, S, hd, sb, sh;
+                 float scale; } attn_t;
+
+/* query rows [r0, r1) of the flattened (batch, head) index */
+static void attn_rows(const void *arg, int64_t r0, int64_t r1) {
+    const attn_t *A = (const attn_t *)arg;
+    const void *q = A->q, *k = A->k, *v = A->v;
+    void *o = A->o;
+    const uint8_t *keep = A->keep;
+    int bf = A->bf;
+    int64_t H = A->H, KVH = A->KVH, S = A->S, hd = A->hd, sb = A->sb, sh = A->sh;
+    float scale = A->scale;
     int64_t rep = H / KVH, nv = (hd + 15) / 16;
     if (nv > ATT_MAXV) return;
     float *s = (float *)malloc(sizeof(float) * (S + 16));
     if (!s) return;
     __mmask16 tail = (hd % 16) ? (__mmask16)((1u << (hd % 16)) - 1) : (__mmask16)0xffff;
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t h = 0; h < H; h++) {
+    for (int64_t r = r0; r < r1; r++) {
+            int64_t b = r / H, h = r % H;
             int64_t g = h / rep;
             const char *kb = (const char *)k + (b * sb + g * sh) * (bf ? 2 : 4);
             const char *vb = (const char *)v + (b * sb + g * sh) * (bf ? 2 : 4);
@@ -276,7 +286,7 @@ void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const
                     else ((float *)o)[(b * H + h) * hd + i * 16 + l] = of[l];
                 }
             }
-        }
+    }
     free(s);
 }
 
@@ -336,7 +346,8 @@ static pthread_cond_t go_cv = PTHREAD_COND_INITIALIZER, done_cv = PTHREAD_COND_I
 static int nworkers;                 /* started so far */
 static atomic_long gen;              /* call counter: a change starts the workers */
 static atomic_int pending;           /* workers still busy with the current call */
-static job_t cur;
+static void (*cur_fn)(const void *, int64_t, int64_t); /* the current call's work over part [lo, hi) */
+static const void *cur_arg;
 static int64_t bounds[MAXT + 1];
 static int parts_now;
 
@@ -355,7 +366,7 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&mu);
         }
         seen = atomic_load_explicit(&gen, memory_order_acquire);
-        if (id < parts_now) rows(&cur, bounds[id], bounds[id + 1]);
+        if (id < parts_now) cur_fn(cur_arg, bounds[id], bounds[id + 1]);
         if (atomic_fetch_sub(&pending, 1) == 1) {
             pthread_mutex_lock(&mu);
             pthread_cond_signal(&done_cv);
@@ -388,6 +399,47 @@ static int ensure_workers(int want) {
     return nworkers;
 }
 
+/* fn(arg, lo, hi) over [0, n) in `parts` contiguous parts, the caller taking the first (one part, or the pool busy
+   with another caller: all on the calling thread) */
+static void run_split(void (*fn)(const void *, int64_t, int64_t), const void *arg, int64_t n, int64_t parts) {
+    if (parts > n) parts = n;
+    if (parts <= 1 || pthread_mutex_trylock(&call_mu) != 0) {
+        fn(arg, 0, n);
+        return;
+    }
+    int have = ensure_workers((int)parts - 1);
+    if (have < parts - 1) parts = have + 1;
+    cur_fn = fn;
+    cur_arg = arg;
+    for (int64_t t = 0; t <= parts; t++) bounds[t] = n * t / parts;
+    parts_now = (int)parts;
+    atomic_store(&pending, have);
+    pthread_mutex_lock(&mu);
+    atomic_fetch_add_explicit(&gen, 1, memory_order_release);
+    pthread_cond_broadcast(&go_cv);
+    pthread_mutex_unlock(&mu);
+    fn(arg, bounds[0], bounds[1]);
+    for (int i = 0; i < 1000 && atomic_load_explicit(&pending, memory_order_acquire) > 0; i++) _mm_pause();
+    if (atomic_load(&pending) > 0) {
+        pthread_mutex_lock(&mu);
+        while (atomic_load(&pending) > 0) pthread_cond_wait(&done_cv, &mu);
+        pthread_mutex_unlock(&mu);
+    }
+    pthread_mutex_unlock(&call_mu);
+}
+
+static void rows_part(const void *arg, int64_t lo, int64_t hi) { rows((const job_t *)arg, lo, hi); }
+
+void zoo_attn_decode(const void *q, const void *k, const void *v, void *o, const uint8_t *keep, int bf,
+                     int64_t B, int64_t H, int64_t KVH, int64_t S, int64_t hd, int64_t sb, int64_t sh, float scale,
+                     int threads) {
+    attn_t a = {q, k, v, o, keep, bf, B, H, KVH, S, hd, sb, sh, scale};
+    /* heads are independent: split them once the cache is long enough to pay for a hand-off (~64K values) */
+    int64_t parts = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
+    if (B * H * S * hd < ((int64_t)1 << 16)) parts = 1;
+    run_split(attn_rows, &a, B * H, parts);
+}
+
 void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, int sbf, void *y, int ybf,
               int64_t n, int64_t k, int threads) {
     float stackx[8192];
@@ -398,33 +450,12 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
     }
     job_t j = {wkind, sbf, ybf, (const char *)w, xf, s, y, k};
     int64_t es = wkind == 0 ? 4 : wkind == 1 ? 2 : 1;
-    int64_t per = (int64_t)1 << 20; /* at least 1 MiB of weights per thread: a 2-thread call cost 40-95 us more than
-                                        a 1-thread one on a 1 MiB matrix at load ~14 (waking / waiting for a worker) */
+    /* at least 1 MiB of weights per thread: a 2-thread call cost 40-95 us more than a 1-thread one on a 1 MiB matrix
+       at load ~14 (waking / waiting for a worker); inside a step program the workers spin, so 128 KiB */
+    int64_t per = atomic_load_explicit(&hot, memory_order_relaxed) ? (int64_t)1 << 17 : (int64_t)1 << 20;
     int64_t parts = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
     if (parts > (n * k * es) / per) parts = (n * k * es) / per;
-    if (parts > n) parts = n;
-    if (parts <= 1 || pthread_mutex_trylock(&call_mu) != 0) { /* small, or another thread is using the pool */
-        rows(&j, 0, n);
-    } else {
-        int have = ensure_workers((int)parts - 1);
-        if (have < parts - 1) parts = have + 1;
-        cur = j;
-        for (int64_t t = 0; t <= parts; t++) bounds[t] = n * t / parts;
-        parts_now = (int)parts;
-        atomic_store(&pending, have);
-        pthread_mutex_lock(&mu);
-        atomic_fetch_add_explicit(&gen, 1, memory_order_release);
-        pthread_cond_broadcast(&go_cv);
-        pthread_mutex_unlock(&mu);
-        rows(&j, bounds[0], bounds[1]);
-        for (int i = 0; i < 1000 && atomic_load_explicit(&pending, memory_order_acquire) > 0; i++) _mm_pause();
-        if (atomic_load(&pending) > 0) {
-            pthread_mutex_lock(&mu);
-            while (atomic_load(&pending) > 0) pthread_cond_wait(&done_cv, &mu);
-            pthread_mutex_unlock(&mu);
-        }
-        pthread_mutex_unlock(&call_mu);
-    }
+    run_split(rows_part, &j, n, parts);
     if (xf != x && xf != stackx) free(xf);
 }
 
@@ -611,7 +642,7 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
         }
         case OP_ATTN: /* q, o, dyn index (k base, v base, head stride), bf, heads, kv heads, hd, scale */
             zoo_attn_decode(P(1), (void *)(intptr_t)dyn[op[3]], (void *)(intptr_t)dyn[op[3] + 1], P(2), 0, (int)op[4], 1,
-                            op[5], op[6], dyn[0] + 1, op[7], 0, dyn[op[3] + 2], f32_of(op[8]));
+                            op[5], op[6], dyn[0] + 1, op[7], 0, dyn[op[3] + 2], f32_of(op[8]), threads);
             break;
         }
     }
@@ -786,7 +817,7 @@ def _load():
         _state["norm"] = norm
         att = lib.zoo_attn_decode
         att.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 7,
-                        c.c_float]
+                        c.c_float, c.c_int]
         att.restype = None
         _state["attn"] = att
         cs = lib.zoo_conv_step
@@ -892,7 +923,8 @@ def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.T
         keep = keep.reshape(b, -1)
         kp = keep.to(torch.uint8).contiguous() if keep.dtype is not torch.uint8 else keep.contiguous()
     fn(qc.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), None if kp is None else kp.data_ptr(),
-       int(q.dtype is torch.bfloat16), b, h, k.shape[1], k.shape[2], hd, k.stride(0), k.stride(1), scale)
+       int(q.dtype is torch.bfloat16), b, h, k.shape[1], k.shape[2], hd, k.stride(0), k.stride(1), scale,
+       torch.get_num_threads())
     return o
 
 
