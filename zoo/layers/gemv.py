@@ -225,6 +225,87 @@ static inline void weighted_rows(const char *vb, int bf, int64_t hd, int64_t S, 
 typedef struct { const void *q, *k, *v; void *o; const uint8_t *keep; int bf; int64_t B, H, KVH, S, hd, sb, sh;
                  float scale; } attn_t;
 
+/* Two query heads of one kv head (h, h + 1), sharing every key / value load and its bf16 widening: scores 8 keys x
+   2 heads at a time through one 16-sum tree, then one pass over the values for both. */
+static inline void attn_pair(const attn_t *A, int64_t b, int64_t h, float *sa, float *sb_, int NV, __mmask16 tail) {
+    int bf = A->bf;
+    int64_t H = A->H, S = A->S, hd = A->hd, g = h / (A->H / A->KVH), es = bf ? 2 : 4;
+    const char *kb = (const char *)A->k + (b * A->sb + g * A->sh) * es;
+    const char *vb = (const char *)A->v + (b * A->sb + g * A->sh) * es;
+    __m512 qa[ATT_MAXV], qb[ATT_MAXV], aa[ATT_MAXV], ab[ATT_MAXV];
+    for (int i = 0; i < NV; i++) {
+        __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
+        const char *qa_p = (const char *)A->q + ((b * H + h) * hd + i * 16) * es, *qb_p = qa_p + hd * es;
+        qa[i] = bf ? ldm_bf16(mk, qa_p) : ldm_f32(mk, qa_p);
+        qb[i] = bf ? ldm_bf16(mk, qb_p) : ldm_f32(mk, qb_p);
+    }
+    float mxa = -INFINITY, mxb = -INFINITY;
+    for (int64_t j0 = 0; j0 < S; j0 += 8) {
+        int64_t nj = S - j0 < 8 ? S - j0 : 8;
+        __m512 part[16];
+        for (int64_t jj = 0; jj < 8; jj++) {
+            __m512 x0 = _mm512_setzero_ps(), x1 = x0;
+            if (jj < nj) {
+                const char *row = kb + (j0 + jj) * hd * es;
+                _mm_prefetch(row + 32 * hd * es, _MM_HINT_T0);
+                for (int i = 0; i < NV; i++) {
+                    __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
+                    __m512 kv = bf ? ldm_bf16(mk, row + i * 32) : ldm_f32(mk, row + i * 64);
+                    x0 = _mm512_fmadd_ps(kv, qa[i], x0);
+                    x1 = _mm512_fmadd_ps(kv, qb[i], x1);
+                }
+            }
+            part[jj] = x0;
+            part[8 + jj] = x1;
+        }
+        float sc[16];
+        _mm512_storeu_ps(sc, _mm512_mul_ps(hsum16(part), _mm512_set1_ps(A->scale)));
+        for (int64_t jj = 0; jj < nj; jj++) {
+            float xa = sc[jj], xb = sc[8 + jj];
+            if (A->keep && !A->keep[b * S + j0 + jj]) xa = xb = -INFINITY;
+            sa[j0 + jj] = xa;
+            sb_[j0 + jj] = xb;
+            if (xa > mxa) mxa = xa;
+            if (xb > mxb) mxb = xb;
+        }
+    }
+    float inv[2];
+    for (int w = 0; w < 2; w++) {
+        float *sc = w ? sb_ : sa;
+        __m512 mv = _mm512_set1_ps(w ? mxb : mxa), sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < S; j += 16) { /* masked keys: exactly 0 */
+            __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
+            __m512 x = _mm512_maskz_loadu_ps(mk, sc + j);
+            mk &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+            __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
+            _mm512_storeu_ps(sc + j, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        inv[w] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    for (int i = 0; i < NV; i++) aa[i] = ab[i] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < S; j++) {
+        const char *row = vb + j * hd * es;
+        _mm_prefetch(row + 32 * hd * es, _MM_HINT_T0);
+        __m512 pa = _mm512_set1_ps(sa[j]), pb = _mm512_set1_ps(sb_[j]);
+        for (int i = 0; i < NV; i++) {
+            __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
+            __m512 vv = bf ? ldm_bf16(mk, row + i * 32) : ldm_f32(mk, row + i * 64);
+            aa[i] = _mm512_fmadd_ps(pa, vv, aa[i]);
+            ab[i] = _mm512_fmadd_ps(pb, vv, ab[i]);
+        }
+    }
+    for (int w = 0; w < 2; w++)
+        for (int i = 0; i < NV; i++) {
+            float of[16];
+            _mm512_storeu_ps(of, _mm512_mul_ps(w ? ab[i] : aa[i], _mm512_set1_ps(inv[w])));
+            for (int64_t l = 0; l < 16 && i * 16 + l < hd; l++) {
+                int64_t at = (b * H + h + w) * hd + i * 16 + l;
+                if (bf) ((uint16_t *)A->o)[at] = to_bf16(of[l]); else ((float *)A->o)[at] = of[l];
+            }
+        }
+}
+
 /* query rows [r0, r1) of the flattened (batch, head) index */
 static void attn_rows(const void *arg, int64_t r0, int64_t r1) {
     const attn_t *A = (const attn_t *)arg;
@@ -239,9 +320,15 @@ static void attn_rows(const void *arg, int64_t r0, int64_t r1) {
     float *s = (float *)malloc(sizeof(float) * (S + 16));
     if (!s) return;
     __mmask16 tail = (hd % 16) ? (__mmask16)((1u << (hd % 16)) - 1) : (__mmask16)0xffff;
+    float *s2 = (float *)malloc(sizeof(float) * (S + 16));
     for (int64_t r = r0; r < r1; r++) {
             int64_t b = r / H, h = r % H;
             int64_t g = h / rep;
+            if (s2 && rep % 2 == 0 && h % 2 == 0 && r + 1 < r1 && (nv == 4 || nv == 8)) { /* h, h + 1: same kv head */
+                if (nv == 4) attn_pair(A, b, h, s, s2, 4, tail); else attn_pair(A, b, h, s, s2, 8, tail);
+                r++;
+                continue;
+            }
             const char *kb = (const char *)k + (b * sb + g * sh) * (bf ? 2 : 4);
             const char *vb = (const char *)v + (b * sb + g * sh) * (bf ? 2 : 4);
             __m512 qv[ATT_MAXV], acc[ATT_MAXV];
@@ -288,6 +375,7 @@ static void attn_rows(const void *arg, int64_t r0, int64_t r1) {
             }
     }
     free(s);
+    free(s2);
 }
 
 /* LFM2 short-conv decode step for one token per row: bcx [B, 3d] = (b, c, x) from in_proj, st [B, L-1, d] the cached
