@@ -235,7 +235,9 @@ def export_main(argv: Sequence[str] | None = None) -> int:
                    help="calibration data: a recipe (name or YAML; its DataModule's train split, test split for the "
                    "report) or a .npy/.pt file of images (N, C, H, W). Default for a training output: the config.yaml "
                    "of its run")
-    q.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy"))
+    q.add_argument("--calib-method", default="minmax", choices=("minmax", "percentile", "entropy", "moving_average"),
+                   help="activation ranges: minmax, percentile, entropy, or moving_average (the ranges quantization-"
+                        "aware training uses; robust to rare outliers)")
     q.add_argument("--calib-batches", type=int, default=8, help="calibration batches (default 8)")
     q.add_argument("--report", default=None, metavar="JSON", help="also write the int8 parity report as JSON")
     args = p.parse_args(argv)

@@ -200,6 +200,12 @@ def test_cli_export_int8(tmp_path, capsys):
     msg = capsys.readouterr().out
     assert "int8 ONNX" in msg and "top-1 agreement" in msg and out.exists()
     assert '"method": "percentile"' in (tmp_path / "r.json").read_text()
+    from zoo.deploy.quantize import METHODS
+
+    out.unlink()  # every method of zoo.deploy.quantize is offered by the CLI (moving_average: QAT's ranges)
+    rc = main([*args, "-o", str(out), "--int8", "--calibrate", str(tmp_path / "calib.npy"), "--calib-batches", "2",
+               "--calib-method", METHODS[-1], "--report", str(tmp_path / "r.json")])
+    assert rc == 0 and out.exists() and f'"method": "{METHODS[-1]}"' in (tmp_path / "r.json").read_text()
 
 
 def test_bench_int8_runtime(trained):
