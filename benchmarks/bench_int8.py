@@ -40,6 +40,8 @@ RECIPES = {
     "snn/digits T=1": ("snn/digits_vgg_snn", "iir_snn_digits/snn_t1/model.safetensors", "top1"),
     # MobileDets calibrated without the outliers' pull on the ranges (see --study)
     "mobiledet/shapes_cpu (moving-average calibration)": ("mobiledet/shapes_cpu", MOBILEDET, "map_50", MAVG),
+    "snn/digits T=1 (moving-average calibration)": (
+        "snn/digits_vgg_snn", "iir_snn_digits/snn_t1/model.safetensors", "top1", MAVG),
     # quantization-aware fine-tuning (recipes/mobiledet/shapes_cpu_qat.yaml) of a mobiledet/shapes_cpu checkpoint,
     # deployed with the ranges it trained with (moving average) and, for comparison, with min / max
     "mobiledet/shapes_cpu + QAT": ("mobiledet/shapes_cpu", MOBILEDET_QAT, "map_50", MAVG),
@@ -316,7 +318,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--runs", default="runs/int8_eval", help="root of the recipes' training outputs")
     p.add_argument("--only", default=None, help="recipe names (RECIPES) separated by ';' (default: the first four)")
-    p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "entropy"))
+    p.add_argument("--method", default="minmax", choices=("minmax", "percentile", "entropy", "moving_average"))
     p.add_argument("--calib-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
     p.add_argument("--rounds", type=int, default=10)
