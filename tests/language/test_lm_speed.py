@@ -289,3 +289,27 @@ def test_nemotron_flash_style_operators_join_the_recorded_step():
                 torch.testing.assert_close(fast, step, rtol=1e-5, atol=1e-5)
             else:
                 assert torch.equal(fast, step), types
+
+
+def test_bf16_prefill_on_amx_tiles_stays_within_tolerance_of_the_stock_products(pair, monkeypatch):
+    """A bf16 prompt runs its products on AMX tiles (feed-forwards fused into one call, the conv in one kernel) where
+    the CPU has them; the logits of the prefill and of 4 decode steps from its cache stay within the documented bf16
+    tolerance (2% of max |logit|) of the stock products."""
+    from zoo.layers import gemv
+
+    if not gemv.kernels_available() or gemv._state.get("gemm") is None:
+        pytest.skip("no AMX here: bf16 prefills run the stock products")
+    m = copy.deepcopy(pair[0]).to(torch.bfloat16)
+    ids = torch.randint(1, 96, (1, 40), generator=torch.Generator().manual_seed(5))
+    calls = {k: 0 for k in ("gemm", "ffn", "conv_prefill")}
+    for k in calls:
+        fn = gemv._state[k]
+        monkeypatch.setitem(gemv._state, k, lambda *a, fn=fn, k=k: (calls.__setitem__(k, calls[k] + 1), fn(*a))[1])
+    got = _step_logits(m, ids, steps=4)
+    # q, k, v, o of 2 attention layers, in + out of 3 conv layers, the head; 5 fused FFNs; 3 convs
+    assert calls == {"gemm": 2 * 4 + 3 * 2 + 1, "ffn": 5, "conv_prefill": 3}
+    for k in calls:
+        monkeypatch.setitem(gemv._state, k, None)
+    want = _step_logits(m, ids, steps=4)
+    rel = (got - want).abs().max().item() / want.abs().max().item()
+    assert rel <= 0.02, rel

@@ -193,3 +193,91 @@ def test_hugepages_keep_the_weights_and_their_products(kernel):
         gemv.use_hugepages(w)  # once per tensor
         assert torch.equal(w, before)
         torch.testing.assert_close(gemv.linear(x, w), y, rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def amx(kernel):
+    if gemv._state.get("gemm") is None:
+        pytest.skip("no AMX (Sapphire Rapids or later) here: prefills run the stock products (checked below)")
+    return gemv._state["gemm"]
+
+
+def _close_to_exact(y, x, w):
+    """bf16 output within one bf16 rounding of the exact product of the same bf16 inputs, plus fp32 summation noise."""
+    want = _ref(x.reshape(-1, x.shape[-1]), w).reshape(y.shape)
+    noise = 1e-6 * (x.reshape(-1, x.shape[-1]).abs().double() @ w.abs().double().T).reshape(y.shape)
+    return ((y.double() - want).abs() <= want.abs() * 2 ** -8 + noise).all()
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 32, 32), (37, 64, 96), (300, 2048, 1024), (100, 96, 4608)])
+def test_prefill_products_on_amx_match_the_stock_math_for_every_epilogue(amx, m, n, k):
+    """Many-row bf16 products (prefill): exact bf16 products summed in fp32, rounded once; the same bits on 1 or 2
+    threads; the residual and SiLU epilogues round where the PyTorch ops they replace round (bitwise). (100, 96,
+    4608) sums K in chunks through fp32 partials; 37 and 100 rows end in part-filled tiles."""
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(1, m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k ** 0.5).bfloat16()
+    r, b = torch.randn(1, m, n, generator=g).bfloat16(), torch.randn(n, generator=g).bfloat16()
+    with torch.inference_mode():
+        torch.set_num_threads(1)
+        y = gemv.prefill_linear(x, w)
+        assert y.shape == (1, m, n) and y.dtype == torch.bfloat16 and _close_to_exact(y, x, w)
+        torch.set_num_threads(2)
+        assert torch.equal(gemv.prefill_linear(x, w), y)
+        assert torch.equal(gemv.prefill_linear(x, w, residual=r), r + y)
+        gate, up = y.split(n // 2, -1)
+        assert torch.equal(gemv.prefill_linear(x, w, silu_mul=True), F.silu(gate) * up)
+        yb = gemv.prefill_linear(x, w, b)
+        torch.testing.assert_close(yb, F.linear(x, w, b), rtol=2 ** -7, atol=1e-2)
+        assert torch.equal(gemv.linear(x, w), y)  # what the Linear layers call for many bf16 rows
+        assert torch.equal(gemv.prefill_linear(x[0, :, :].t().contiguous().t(), w), y[0])  # strided rows
+        f = n // 2
+        if f % 32 == 0 and k % 32 == 0:  # the fused feed-forward: the same bits as its two products
+            w2 = (torch.randn(k, f, generator=g) / f ** 0.5).bfloat16()
+            h = gemv.prefill_linear(x, w, silu_mul=True)
+            rk = torch.randn(1, m, k, generator=g).bfloat16()
+            assert torch.equal(gemv.prefill_ffn(x, w, w2), gemv.prefill_linear(h, w2))
+            assert torch.equal(gemv.prefill_ffn(x, w, w2, rk), gemv.prefill_linear(h, w2, residual=rk))
+
+
+def test_prefill_products_apply_only_where_they_can(amx):
+    x, w = torch.randn(40, 64).bfloat16(), torch.randn(64, 64).bfloat16()
+    with torch.inference_mode():
+        assert gemv.prefill_linear(x[:8], w) is None  # a few rows: the stock product
+        assert gemv.prefill_linear(x.float(), w.float()) is None  # fp32: the stock product
+        assert gemv.prefill_linear(x[:, :48], w[:, :48]) is None  # K % 32
+        assert gemv.prefill_linear(x, w[:48]) is None  # N % 32
+        assert gemv.prefill_linear(x, w, silu_mul=True, residual=torch.zeros(40, 64).bfloat16()) is None
+        assert gemv.prefill_ffn(x, torch.randn(96, 64).bfloat16(), torch.randn(64, 48).bfloat16()) is None  # F % 32
+    xg = x.clone().requires_grad_()
+    assert gemv.prefill_linear(xg, w) is None  # autograd records: the stock product
+    assert F.linear(xg, w).requires_grad and gemv.linear(xg, w).requires_grad
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_prefill_kernel_matches_the_module_ops_and_keeps_the_state(kernel, monkeypatch, with_state):
+    """ShortConv over a bf16 prompt in one call: the same bits as its PyTorch ops (first prompt, and a second chunk
+    continuing a cached state), the same state left in the cache."""
+    from zoo.language.hybrid import ForwardContext, HybridConfig, ShortConv, _HybridCacheState
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(hidden_size=40, conv_bias=True, layer_types=["conv"], vocab_size=8)
+    conv = ShortConv(cfg, 0).bfloat16().eval()
+    x = torch.randn(2, 33, 40).bfloat16()
+    state = torch.randn(2, cfg.conv_L_cache - 1, 40, generator=torch.Generator().manual_seed(1)).bfloat16()
+    runs, calls = {}, []
+    fn = gemv._state["conv_prefill"]
+    monkeypatch.setitem(gemv._state, "conv_prefill", lambda *a: (calls.append(a[1:5]), fn(*a))[1])
+    for name in ("kernel", "ops"):
+        if name == "ops":
+            monkeypatch.setitem(gemv._state, "conv_prefill", None)
+        cache = _HybridCacheState(cfg)
+        if with_state:
+            cache.layers[0] = state.clone()
+        ctx = ForwardContext(positions=torch.zeros(2, 33, dtype=torch.long), pad_mask=None, key_mask=None,
+                             past=0, cache=cache)
+        with torch.inference_mode():
+            runs[name] = conv(x, ctx), cache.layers[0]
+    assert calls == [(2, 33, 40, 3)]  # (rows, tokens, channels, taps): the kernel ran once, then the ops
+    assert torch.equal(runs["kernel"][0], runs["ops"][0])
+    assert torch.equal(runs["kernel"][1], runs["ops"][1])

@@ -631,6 +631,22 @@ def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.
     return tuple(p(x) for p in parts) if pk is None else pk(x, parts)
 
 
+def fused_ffn(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
+    """A SwiGLU module's ``w2(silu(w1 x) * w3 x)`` (+ ``residual``) for a many-row bf16 inference input in one call
+    (``zoo.layers.gemv.prefill_ffn``: the activation in the first product's epilogue, the residual in the second's),
+    or None where that does not apply (the caller runs its own ops)."""
+    if torch.is_grad_enabled() or x.dtype is not torch.bfloat16 or x.numel() < 16 * x.shape[-1]:
+        return None
+    parts = [module.w1, module.w3]
+    pk = _packed(module, "w13", parts)
+    if pk is None or pk.int8 or module.w2.bias is not None or type(module.w2) not in (Linear, nn.Linear):
+        return None
+    w13, bias = pk.tensors(parts)
+    if bias is not None:
+        return None
+    return _gemv.prefill_ffn(x, w13, module.w2.weight, residual)
+
+
 def _packed(module: nn.Module, name: str, parts: list[nn.Module]) -> _PackedProjection | None:
     packs = module.__dict__.setdefault("_zoo_packed", {})
     pk = packs.get(name)
@@ -752,9 +768,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step ([B, 1, ...]: one token per row): one call instead of ~10 small ops; prefills keep the
-        # stock ops (their sums run in another order, and transformers parity stays bitwise)
-        if x.dim() >= 3 and x.shape[1] == 1 and x.numel() <= 65536 and not torch.is_grad_enabled():
+        # a decode step ([B, 1, ...]: one token per row) or any bf16 input: one call instead of ~10 small ops; fp32
+        # prefills keep the stock ops (their sums run in another order, and transformers parity stays bitwise)
+        if (not torch.is_grad_enabled() and x.dim() >= 3
+                and (x.shape[1] == 1 and x.numel() <= 65536 or x.dtype is torch.bfloat16)):
             y = _gemv.rms_norm(x, self.weight, self.eps)
             if y is not None:
                 return y
@@ -779,11 +796,17 @@ class SwiGLU(nn.Module):
 
     packed_projections = {"w13": ("w1", "w3")}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``w2(silu(w1 x) * w3 x)``, plus ``residual`` if given (a bf16 prefill adds it in the product)."""
+        y = fused_ffn(self, x, residual)
+        if y is not None:
+            return y
         gate, up = packed_linear(self, "w13", x)
         if torch.is_grad_enabled():
-            return self.w2(F.silu(gate) * up)
-        return self.w2(F.silu(gate).mul_(up))  # inference: one buffer fewer, same numbers
+            y = self.w2(F.silu(gate) * up)
+        else:
+            y = self.w2(F.silu(gate).mul_(up))  # inference: one buffer fewer, same numbers
+        return y if residual is None else residual + y
 
     def record_step(self, prog: StepProgram, x: torch.Tensor, out: torch.Tensor) -> None:
         gate, up = record_packed(prog, self, "w13", x)
@@ -813,7 +836,16 @@ class ShortConv(nn.Module):
         self.out_proj = Linear(d, d, bias=config.conv_bias)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        b, c, xs = self.in_proj(x).chunk(3, dim=-1)
+        bcx = self.in_proj(x)
+        if (x.shape[1] > 1 and ctx.pad_mask is None and ctx.segments is None and not torch.is_grad_enabled()
+                and (ctx.cache is None or not ctx.cache.record_past)):  # a bf16 prompt: one call (compiled kernel)
+            st = None if ctx.cache is None else ctx.cache.layers[self.layer_idx]
+            got = _gemv.conv_prefill(bcx, st, self.conv.weight, self.conv.bias)
+            if got is not None:
+                if ctx.cache is not None:
+                    ctx.cache.layers[self.layer_idx] = got[1]  # the last k - 1 inputs, as conv_window keeps them
+                return self.out_proj(got[0])
+        b, c, xs = bcx.chunk(3, dim=-1)
         y = b * xs  # [B, T, d]
         if ctx.pad_mask is not None:  # padding never enters the conv window
             y = y * ctx.pad_mask[..., None].to(y.dtype)
@@ -1034,6 +1066,8 @@ class DecoderLayer(nn.Module):
             x = x + op(self.operator_norm(x), ctx)
         if self.feed_forward is None:
             return x
+        if isinstance(self.feed_forward, SwiGLU):  # it adds the residual itself (in its product for bf16 prefills)
+            return self.feed_forward(self.ffn_norm(x), residual=x)
         return x + self.feed_forward(self.ffn_norm(x))
 
     def record_step(self, prog: StepProgram, x: torch.Tensor) -> None:

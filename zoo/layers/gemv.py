@@ -30,13 +30,14 @@ from __future__ import annotations
 import math
 import os
 import sys
+import threading
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "int8_linear", "use_hugepages", "move_to_arena", "rms_norm", "attn_decode", "conv_step", "rope", "kernels_available",
+__all__ = ["linear", "prefill_linear", "prefill_ffn", "int8_linear", "use_hugepages", "move_to_arena", "rms_norm", "attn_decode", "conv_step", "rope", "kernels_available",
            "reset", "StepProgram", "NotProgrammable"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
@@ -103,6 +104,8 @@ static inline __m256i bf16_round(__m512 x) {
     u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16));
 }
+static inline __m512 bf16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+static inline __m512 bf16_trunc(__m512 x) { return bf16_to_f32(bf16_round(x)); } /* x rounded to bf16, as fp32 */
 static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 /* wkind 0 fp32, 1 bf16, 2 int8 (scale: one per row, fp32 if !sbf else bf16); y fp32 (ybf 0) or bf16 (ybf 1). */
@@ -131,14 +134,18 @@ void zoo_rmsnorm(const void *x, const void *w, void *y, int bf, int64_t m, int64
             acc = _mm512_fmadd_ps(v, v, acc);
         }
         float inv = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)k + eps);
-        for (j = 0; j < k; j++) {
-            if (bf) {
-                float h = from_bf16(to_bf16(from_bf16(((const uint16_t *)x)[r * k + j]) * inv));
-                ((uint16_t *)y)[r * k + j] = to_bf16(from_bf16(((const uint16_t *)w)[j]) * h);
-            } else {
-                ((float *)y)[r * k + j] = ((const float *)x)[r * k + j] * inv * ((const float *)w)[j];
+        if (bf) {
+            __m512 vi = _mm512_set1_ps(inv);
+            for (j = 0; j < k; j += 16) {
+                __mmask16 mk = k - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - j)) - 1);
+                __m512 h = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round(
+                    _mm512_mul_ps(ldm_bf16(mk, (const uint16_t *)x + r * k + j), vi))), 16));
+                _mm256_mask_storeu_epi16((uint16_t *)y + r * k + j, mk,
+                                         bf16_round(_mm512_mul_ps(ldm_bf16(mk, (const uint16_t *)w + j), h)));
             }
+            continue;
         }
+        for (j = 0; j < k; j++) ((float *)y)[r * k + j] = ((const float *)x)[r * k + j] * inv * ((const float *)w)[j];
     }
 }
 
@@ -407,6 +414,36 @@ void zoo_conv_step(const void *bcx, void *st, const void *w, const void *bias, c
 #undef WR
 }
 
+/* LFM2 short conv over a bf16 prompt (prefill), B rows of T tokens: bcx [B, T, 3d] = (b, c, x) from in_proj, st_in
+   [B, L-1, d] the cached conv inputs (NULL: zeros), wt [L, d] the taps, bias [d] or NULL; out [B, T, d] = c * z with
+   y = b * x, z = the causal depthwise conv of (st_in, y), and st_out [B, L-1, d] the last L-1 inputs. Rounded where
+   ShortConv.forward's PyTorch ops round: y; z after the first tap and after each further tap (addcmul_); + bias; c * z.
+   ybuf: (T + L - 1) * d bf16 scratch. */
+void zoo_conv_prefill(const uint16_t *bcx, int64_t B, int64_t T, int64_t d, int64_t L, const uint16_t *st_in,
+                      uint16_t *st_out, const uint16_t *wt, const uint16_t *bias, uint16_t *out, uint16_t *ybuf) {
+    for (int64_t b = 0; b < B; b++) {
+        const uint16_t *in = bcx + b * T * 3 * d;
+        for (int64_t i = 0; i < (L - 1) * d; i++) ybuf[i] = st_in ? st_in[b * (L - 1) * d + i] : 0;
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t ch = 0; ch < d; ch += 16) {
+                __mmask16 mk = d - ch >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - ch)) - 1);
+                __m512 y = _mm512_mul_ps(ldm_bf16(mk, in + t * 3 * d + ch), ldm_bf16(mk, in + t * 3 * d + 2 * d + ch));
+                _mm256_mask_storeu_epi16(ybuf + (L - 1 + t) * d + ch, mk, bf16_round(y));
+            }
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t ch = 0; ch < d; ch += 16) {
+                __mmask16 mk = d - ch >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - ch)) - 1);
+                __m512 z = bf16_trunc(_mm512_mul_ps(ldm_bf16(mk, ybuf + t * d + ch), ldm_bf16(mk, wt + ch)));
+                for (int64_t j = 1; j < L; j++)
+                    z = bf16_trunc(_mm512_add_ps(z, _mm512_mul_ps(ldm_bf16(mk, ybuf + (t + j) * d + ch), ldm_bf16(mk, wt + j * d + ch))));
+                if (bias) z = bf16_trunc(_mm512_add_ps(z, ldm_bf16(mk, bias + ch)));
+                _mm256_mask_storeu_epi16(out + (b * T + t) * d + ch, mk,
+                                         bf16_round(_mm512_mul_ps(ldm_bf16(mk, in + t * 3 * d + d + ch), z)));
+            }
+        memcpy(st_out + b * (L - 1) * d, ybuf + T * d, (L - 1) * d * sizeof(uint16_t));
+    }
+}
+
 /* RoPE of one position per row: out = x * cos + rotate_half(x) * sin for x [B, R, hd] (R heads), cos / sin [B or 1,
    hd] (row stride cs), rounded where the PyTorch ops round (bf16: each product and the sum). */
 void zoo_rope(const void *x, const void *cos, const void *sin, void *out, int bf, int64_t B, int64_t R, int64_t hd,
@@ -546,6 +583,219 @@ void zoo_gemv(int wkind, const void *w, const void *x, int xbf, const void *s, i
     run_split(rows_part, &j, n, parts);
     if (xf != x && xf != stackx) free(xf);
 }
+
+/* ---- prefill products on AMX (bf16 x bf16, fp32 sums): y = x W^T for many rows without reordering W. The weight's
+   plain rows are the A tiles (16 outputs x 32 k), the activations are packed once per call into B tiles (32 k as
+   16 pairs x 16 rows, the VNNI layout), so each tile computes 16 outputs x 16 rows; the epilogue transposes it into
+   the output rows. Built only where the compiler knows AMX (ZOO_AMX); used only where the CPU has it. */
+#ifdef ZOO_AMX
+#include <sys/syscall.h>
+#include <unistd.h>
+
+int zoo_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+
+typedef struct { uint8_t palette, start; uint8_t rsv[14]; uint16_t colsb[16]; uint8_t rows[16]; } tilecfg_t;
+static void tiles_on(void) { /* 8 tiles of 16 rows x 64 bytes; loaded per call (other libraries reconfigure) */
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+}
+
+/* 16 x 16 transpose of 32-bit elements in registers: r[i] element j -> r[j] element i */
+static inline void tr16x16(__m512i *r) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 16; i += 2) { t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]); t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]); }
+    for (int i = 0; i < 16; i += 4) { /* u[i + c]: column 4 L + c of rows i..i+3 in 128-bit lane L */
+        u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]); u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]); u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        __m512i v0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), v1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xDD), w1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xDD);
+        r[c] = _mm512_shuffle_i32x4(v0, v1, 0x88); r[8 + c] = _mm512_shuffle_i32x4(v0, v1, 0xDD);
+        r[4 + c] = _mm512_shuffle_i32x4(w0, w1, 0x88); r[12 + c] = _mm512_shuffle_i32x4(w0, w1, 0xDD);
+    }
+}
+
+typedef struct {
+    const uint16_t *x; uint16_t *xp; int64_t M, K, ldx;             /* packing */
+    const uint16_t *w; int64_t N, K0, KC; int64_t up;               /* up: row offset of the second A tile (16 or F) */
+    uint16_t *y; int64_t ldy; int epi; const uint16_t *aux; int64_t ldaux; const uint16_t *bias;
+    float *acc;                                                     /* partial sums when K is split (KC < K) */
+    uint16_t *hp;    /* EPI_SILU_MUL: write the result packed here (the next product's B tiles) instead of to y */
+} gemm_t;
+
+/* x [M, K] (row stride ldx) -> xp: per 16-row block b and 32-wide k step q, 16 pairs x 16 rows (zeros past M) */
+static void pack_part(const void *arg, int64_t b0, int64_t b1) {
+    const gemm_t *g = (const gemm_t *)arg;
+    int64_t kq = g->K / 32;
+    for (int64_t b = b0; b < b1; b++)
+        for (int64_t q = 0; q < kq; q++) {
+            __m512i r[16];
+            for (int m = 0; m < 16; m++)
+                r[m] = b * 16 + m < g->M ? _mm512_loadu_si512(g->x + (b * 16 + m) * g->ldx + q * 32) : _mm512_setzero_si512();
+            tr16x16(r);
+            uint16_t *dst = g->xp + (b * kq + q) * 512;
+            for (int i = 0; i < 16; i++) _mm512_store_si512(dst + i * 32, r[i]);
+        }
+}
+
+
+enum { EPI_STORE = 0, EPI_ADD = 1, EPI_SILU_MUL = 2 };
+
+/* piece u (0..15) of the epilogue of one finished 32 x 32 block: c[0..3] = tiles (A0 B0, A0 B1, A1 B0, A1 B1) as
+   [16 out][16 rows] fp32. Transposed output: piece 4 t transposes tile t into 16 output rows (EPI_SILU_MUL: tile pairs
+   (0, 2), (1, 3); the other pieces do nothing). Packed output (hp): piece u takes two output rows of tile pair u / 8. */
+#define EPI_PIECES 16
+static void epilogue_unit(const gemm_t *g, float (*c)[256], int64_t nb, int64_t m0, int u) {
+    if (g->hp) { /* rows stay outputs (= the next product's k): pairs of them interleave into half a B tile */
+        int t = u / 8, i = (u % 8) * 2;
+        int64_t fq = g->N / 64, blk = m0 / 16 + t; /* k steps of the next product; this tile's 16-row block */
+        uint32_t *dst = (uint32_t *)(g->hp + (blk * fq + nb / 2) * 512) + (nb % 2) * 8 * 16;
+        __m512 h[2];
+        for (int e = 0; e < 2; e++) {
+            __m512 gt = bf16_trunc(_mm512_load_ps(c[t] + (i + e) * 16)), up = bf16_trunc(_mm512_load_ps(c[t + 2] + (i + e) * 16));
+            __m512 sv = _mm512_div_ps(gt, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512neg(gt)));
+            h[e] = _mm512_mul_ps(bf16_trunc(sv), up);
+        }
+        __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(bf16_round(h[0])),
+                                       _mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_round(h[1])), 16));
+        _mm512_store_si512(dst + (i / 2) * 16, pair);
+        return;
+    }
+    if (u % 4) return;
+    int t = u / 4;
+    if (g->epi == EPI_SILU_MUL && t >= 2) return;
+    __m512i r[16], s[16];
+    for (int i = 0; i < 16; i++) r[i] = _mm512_load_si512(c[t] + i * 16);
+    tr16x16(r);
+    if (g->epi == EPI_SILU_MUL) {
+        for (int i = 0; i < 16; i++) s[i] = _mm512_load_si512(c[t + 2] + i * 16);
+        tr16x16(s);
+    }
+    int64_t n = g->epi == EPI_SILU_MUL ? nb * 16 : nb * 32 + (t >> 1) * 16, mb = m0 + (t & 1) * 16;
+    __m512 bias = g->bias ? bf16_to_f32(_mm256_loadu_si256((const __m256i *)(g->bias + n))) : _mm512_setzero_ps();
+    for (int j = 0; j < 16 && mb + j < g->M; j++) {
+        __m512 v = _mm512_add_ps(_mm512_castsi512_ps(r[j]), bias);
+        uint16_t *dst = g->y + (mb + j) * g->ldy + n;
+        if (g->epi == EPI_ADD) { /* residual + the rounded product, rounded: the two bf16 ops it replaces */
+            v = _mm512_add_ps(bf16_trunc(v), bf16_to_f32(_mm256_loadu_si256((const __m256i *)(g->aux + (mb + j) * g->ldaux + n))));
+        } else if (g->epi == EPI_SILU_MUL) { /* gate and up rounded, silu rounded, times up: F.silu(g) * u */
+            __m512 gt = bf16_trunc(v), up = bf16_trunc(_mm512_castsi512_ps(s[j]));
+            __m512 sv = _mm512_div_ps(gt, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512neg(gt)));
+            v = _mm512_mul_ps(bf16_trunc(sv), up);
+        }
+        _mm256_storeu_si256((__m256i *)dst, bf16_round(v));
+    }
+}
+
+/* n-blocks [nb0, nb1): 32 outputs each (rows n, n + up of W for EPI_SILU_MUL, else 32 consecutive rows). The
+   epilogue of each block runs in pieces inside the next block's k loop, so its vector work overlaps the tile
+   multiplies instead of stalling them. */
+static void gemm_part(const void *arg, int64_t nb0, int64_t nb1) {
+    const gemm_t *g = (const gemm_t *)arg;
+    int64_t kq = g->K / 32, mp = (g->M + 31) / 32;
+    float c[2][4][256] __attribute__((aligned(64)));
+    int have = 0, cur = 0, done = EPI_PIECES; /* a finished block waits in c[cur ^ 1]: pieces [done, 16) to write */
+    int64_t pnb = 0, pm0 = 0;
+    tiles_on();
+    for (int64_t k0 = 0; k0 < g->K; k0 += g->KC) {
+        int64_t q0 = k0 / 32, q1 = (k0 + g->KC < g->K ? k0 + g->KC : g->K) / 32, every = (q1 - q0) / EPI_PIECES > 1 ? (q1 - q0) / EPI_PIECES : 1;
+        int first = k0 == 0, last = k0 + g->KC >= g->K;
+        for (int64_t nb = nb0; nb < nb1; nb++) {
+            int64_t n = g->epi == EPI_SILU_MUL ? nb * 16 : nb * 32;
+            const uint16_t *wa = g->w + n * g->K, *wb = g->w + (n + g->up) * g->K;
+            /* the next block's weight rows come from memory: prefetch them into L2 over this block's steps, a few
+               lines per step (its own rows would otherwise stall the first pass of tile loads) */
+            int64_t nn = g->epi == EPI_SILU_MUL ? (nb + 1) * 16 : (nb + 1) * 32, lines = q1 - q0;
+            const uint16_t *na = g->w + nn * g->K, *nbw = g->w + (nn + g->up) * g->K;
+            int64_t per = (32 + mp - 1) / mp, li = nb + 1 < nb1 ? 0 : 32 * lines;
+            for (int64_t p = 0; p < mp; p++) {
+                const uint16_t *x0 = g->xp + (2 * p) * kq * 512, *x1 = g->xp + (2 * p + 1) * kq * 512;
+                float *acc = g->acc + (nb * mp + p) * 1024;
+                if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+                else { _tile_loadd(0, acc, 64); _tile_loadd(1, acc + 256, 64); _tile_loadd(2, acc + 512, 64); _tile_loadd(3, acc + 768, 64); }
+                for (int64_t q = q0; q < q1; q++) {
+                    _tile_loadd(4, wa + q * 32, g->K * 2);
+                    _tile_loadd(5, wb + q * 32, g->K * 2);
+                    _tile_loadd(6, x0 + q * 512, 64);
+                    _tile_loadd(7, x1 + q * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                    if (have && done < EPI_PIECES && (q - q0) % every == 0) epilogue_unit(g, c[cur ^ 1], pnb, pm0, done++);
+                    for (int64_t e = 0; e < per && li < 32 * lines; e++, li++) {
+                        int64_t row = li / lines, col = q0 + li % lines;
+                        _mm_prefetch((const char *)((row < 16 ? na + row * g->K : nbw + (row - 16) * g->K) + col * 32), _MM_HINT_T1);
+                    }
+                }
+                if (last) {
+                    while (have && done < EPI_PIECES) epilogue_unit(g, c[cur ^ 1], pnb, pm0, done++);
+                    _tile_stored(0, c[cur][0], 64); _tile_stored(1, c[cur][1], 64);
+                    _tile_stored(2, c[cur][2], 64); _tile_stored(3, c[cur][3], 64);
+                    have = 1, done = 0, pnb = nb, pm0 = 32 * p, cur ^= 1;
+                } else {
+                    _tile_stored(0, acc, 64); _tile_stored(1, acc + 256, 64); _tile_stored(2, acc + 512, 64); _tile_stored(3, acc + 768, 64);
+                }
+            }
+        }
+    }
+    _tile_release();
+    while (have && done < EPI_PIECES) epilogue_unit(g, c[cur ^ 1], pnb, pm0, done++);
+}
+
+/* packs x (unless pack is 0: g->xp holds it already), then runs the product over n-blocks on `threads` threads */
+static int gemm_run(gemm_t *g, int pack, int threads) {
+    int64_t mp = (g->M + 31) / 32, nbs = g->N / 32; /* EPI_SILU_MUL: F / 16 blocks of (16 gate, 16 up) rows */
+    /* the packed rows of one k chunk stay in L2 (1 MiB): longer K is summed in chunks through fp32 partials */
+    int64_t kc = ((int64_t)1 << 19) / (mp * 32) / 32 * 32;
+    if (kc < 256) kc = 256;
+    g->KC = g->K;
+    g->acc = 0;
+    if (kc < g->K) {
+        int64_t chunks = (g->K + kc - 1) / kc;
+        g->KC = ((g->K + chunks - 1) / chunks + 31) / 32 * 32;
+        g->acc = (float *)aligned_alloc(64, (size_t)(nbs * mp) * 1024 * sizeof(float));
+        if (!g->acc) return -1;
+    }
+    int64_t parts = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
+    if (pack) run_split(pack_part, g, 2 * mp, parts);
+    run_split(gemm_part, g, nbs, parts);
+    free(g->acc);
+    return 0;
+}
+
+/* y [M, N'] bf16 = epi(x [M, K] W^T): N' = N (EPI_STORE / EPI_ADD: y = aux + x W^T, aux may be y) or N / 2 (EPI_SILU_MUL:
+   W holds the gate rows then the up rows). K % 32 == 0, N % 32 == 0. xp: (M + 31) / 32 * 32 * K bf16, 64-byte
+   aligned. Returns 0, or -1 where a scratch allocation failed (nothing written). */
+int zoo_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                  const uint16_t *bias, uint16_t *y, int64_t ldy, int epi, const uint16_t *aux, int64_t ldaux,
+                  uint16_t *xp, int threads) {
+    gemm_t g = {x, xp, M, K, ldx, w, N, K, K, epi == EPI_SILU_MUL ? N / 2 : 16, y, ldy, epi, aux, ldaux, bias, 0, 0};
+    return gemm_run(&g, 1, threads);
+}
+
+/* SwiGLU feed-forward: y [M, K] = aux + (silu(x W1^T) * (x W3^T)) W2^T (aux NULL: no residual; aux may be y) with
+   w13 = [W1; W3] ([2F, K]) and w2 [K, F]; the hidden activations go from the first product's epilogue straight into
+   the second's packed layout (hp: (M + 31) / 32 * 32 * F bf16). F % 32 == 0, K % 32 == 0. */
+int zoo_ffn_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w13, int64_t F,
+                 const uint16_t *w2, uint16_t *y, const uint16_t *aux, uint16_t *xp, uint16_t *hp, int threads) {
+    gemm_t g1 = {x, xp, M, K, ldx, w13, 2 * F, K, K, F, 0, 0, EPI_SILU_MUL, 0, 0, 0, 0, hp};
+    if (gemm_run(&g1, 1, threads)) return -1;
+    gemm_t g2 = {0, hp, M, F, 0, w2, K, F, F, 16, y, K, aux ? EPI_ADD : EPI_STORE, aux, K, 0, 0, 0};
+    return gemm_run(&g2, 0, threads);
+}
+#else
+int zoo_amx_init(void) { return -1; }
+int zoo_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w, int64_t N,
+                  const uint16_t *bias, uint16_t *y, int64_t ldy, int epi, const uint16_t *aux, int64_t ldaux,
+                  uint16_t *xp, int threads) { return -1; }
+int zoo_ffn_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w13, int64_t F,
+                 const uint16_t *w2, uint16_t *y, const uint16_t *aux, uint16_t *xp, uint16_t *hp, int threads) { return -1; }
+#endif
 
 /* ---- a decode-step program: one call runs a whole layer stack (no Python between the kernels). Each instruction is
    16 int64 words (opcode, operands); dyn[] holds what changes per step: dyn[0] the cache length before this token
@@ -741,11 +991,12 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
 
 # no contraction of a * b + c into an FMA: the scalar parts round exactly where the PyTorch ops they replace round
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-shared", "-fPIC", "-pthread"]
+_AMX_FLAGS = ["-mamx-tile", "-mamx-bf16", "-DZOO_AMX"]  # the prefill products (zoo_gemm_bf16); dropped if unknown
 _state: dict[str, Any] = {}
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 _ENV = {0: "ZOO_DISABLE_F32_GEMV", 1: "ZOO_DISABLE_BF16_GEMV", 2: "ZOO_DISABLE_INT8_GEMV", 3: "ZOO_DISABLE_CPU_NORM",
         4: "ZOO_DISABLE_CPU_ATTN", 5: "ZOO_DISABLE_CPU_CONV", 6: "ZOO_DISABLE_CPU_ROPE", 7: "ZOO_DISABLE_HUGEPAGES",
-        8: "ZOO_DISABLE_STEP_PROGRAM"}
+        8: "ZOO_DISABLE_STEP_PROGRAM", 9: "ZOO_DISABLE_AMX_GEMM"}
 _huge_done: set[tuple[int, int]] = set()
 
 
@@ -879,19 +1130,26 @@ def _load():
             return None
         from zoo.checkpoints import zoo_home
 
-        key = hashlib.sha256((_GEMV_C + " ".join(_FLAGS)).encode()).hexdigest()[:16]
-        so = zoo_home() / "kernels" / f"gemv_{key}.so"
-        if not so.exists():
+        amx = {"amx_tile", "amx_bf16"} <= flags
+        for flags_now in ([*_FLAGS, *_AMX_FLAGS], _FLAGS) if amx else (_FLAGS,):  # a compiler without AMX: no AMX
+            key = hashlib.sha256((_GEMV_C + " ".join(flags_now)).encode()).hexdigest()[:16]
+            so = zoo_home() / "kernels" / f"gemv_{key}.so"
+            if so.exists():
+                break
             so.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory() as d:
                 src = os.path.join(d, "gemv.c")
                 with open(src, "w") as f:
                     f.write(_GEMV_C)
                 tmp = os.path.join(d, "gemv.so")
-                subprocess.run([cc, *_FLAGS, src, "-o", tmp], check=True, capture_output=True)
+                if subprocess.run([cc, *flags_now, src, "-o", tmp], capture_output=True).returncode != 0:
+                    continue
                 part = so.with_suffix(f".{os.getpid()}.part")  # atomic publish: concurrent builders never clash
                 shutil.move(tmp, part)
                 os.replace(part, so)
+                break
+        else:
+            return None
         lib = ctypes.CDLL(str(so))
         fn = lib.zoo_gemv
         c = ctypes
@@ -920,6 +1178,21 @@ def _load():
         rp.argtypes = [c.c_void_p] * 4 + [c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_int64]
         rp.restype = None
         _state["rope"] = rp
+        gm = lib.zoo_gemm_bf16
+        gm.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                       c.c_int64, c.c_int, c.c_void_p, c.c_int64, c.c_void_p, c.c_int]
+        gm.restype = c.c_int
+        ff = lib.zoo_ffn_bf16
+        ff.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
+                       c.c_void_p, c.c_void_p, c.c_void_p, c.c_int]
+        ff.restype = c.c_int
+        cp = lib.zoo_conv_prefill
+        cp.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_int64] + [c.c_void_p] * 6
+        cp.restype = None
+        _state["conv_prefill"] = cp
+        # AMX needs the kernel's permission for its tile state once per process (Linux >= 5.16)
+        amx = amx and lib.zoo_amx_init() == 0
+        _state["gemm"], _state["ffn"] = (gm, ff) if amx else (None, None)
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -971,16 +1244,106 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         y = _call(_KIND[x.dtype], weight, x, None, x.dtype)
         if y is not None:
             return y if bias is None else y.add_(bias)
+    if x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and x.numel() >= 16 * x.shape[-1] > 0:
+        y = prefill_linear(x, weight, bias)  # many rows (prefill): AMX tiles where the CPU has them
+        if y is not None:
+            return y
     return F.linear(x, weight, bias)
 
 
+_scratch = threading.local()  # per calling thread: ctypes releases the GIL, so two threads may be inside at once
+
+
+def _packed_rows(n: int, name: str = "xp") -> torch.Tensor:
+    """A reusable bf16 buffer of at least ``n`` values for packed activations (a fresh one per call would
+    page-fault its megabytes every time)."""
+    buf = getattr(_scratch, name, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.bfloat16)
+        setattr(_scratch, name, buf)
+    return buf
+
+
+def prefill_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The SwiGLU feed-forward ``(F.silu(x W1^T) * (x W3^T)) W2^T`` (plus ``residual``) of a many-row bf16 inference
+    input on AMX tiles, ``w13`` = [W1; W3] ([2F, K]), ``w2`` [K, F]: :func:`prefill_linear`'s two products, the hidden
+    activations going from the first one's epilogue straight into the second one's tile layout. None where it does
+    not apply (see :func:`prefill_linear`; also F % 32 == 0)."""
+    fn = _state.get("ffn") if "fn" in _state else (_load() and _state.get("ffn"))
+    if fn is None or 9 in _state["off"] or not all(t.dtype is torch.bfloat16 for t in (x, w13, w2)):
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    f = w13.shape[0] // 2 if w13.dim() == 2 else 0
+    if (m < 16 or k % 32 or f % 32 or f == 0 or w13.shape != (2 * f, k) or w2.shape != (k, f)
+            or not (w13.is_contiguous() and w2.is_contiguous()) or x.device.type != "cpu"
+            or w13.device.type != "cpu" or w2.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or w13.requires_grad or w2.requires_grad))):
+        return None
+    if residual is not None and (residual.dtype is not torch.bfloat16 or residual.shape != x.shape
+                                 or not residual.is_contiguous()
+                                 or (torch.is_grad_enabled() and residual.requires_grad)):
+        return None
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    rows = (m + 31) // 32 * 32
+    xp, hp = _packed_rows(rows * k), _packed_rows(rows * f, "hp")
+    y = torch.empty(x.shape, dtype=torch.bfloat16)
+    rc = fn(x2.data_ptr(), m, k, x2.stride(0), w13.data_ptr(), f, w2.data_ptr(), y.data_ptr(),
+            None if residual is None else residual.data_ptr(), xp.data_ptr(), hp.data_ptr(), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   residual: torch.Tensor | None = None, silu_mul: bool = False) -> torch.Tensor | None:
+    """Many-row bf16 products on AMX tiles (prefill), or None where they do not apply (the caller runs its own ops).
+
+    ``F.linear(x, weight, bias)`` (fp32 sums of exact bf16 products, rounded to bf16 once, like PyTorch's oneDNN
+    product up to summation order) without reordering the weight at every call, optionally followed by
+    ``residual + y`` (``residual`` [..., N]) or, for ``silu_mul`` (``weight`` = gate rows then up rows, [2F, K]),
+    ``F.silu(gate) * up`` -- each rounded to bf16 where those PyTorch ops round. Needs a CPU with AMX (Sapphire Rapids
+    and later), bf16 ``x`` and ``weight``, K % 32 == 0, N % 32 == 0, at least 16 rows, no autograd;
+    ``ZOO_DISABLE_AMX_GEMM=1`` turns it off."""
+    fn = _state.get("gemm") if "fn" in _state else (_load() and _state.get("gemm"))
+    if fn is None or 9 in _state["off"] or x.dtype is not torch.bfloat16 or weight.dtype is not torch.bfloat16:
+        return None
+    k = x.shape[-1]
+    n = weight.shape[0] if weight.dim() == 2 else 0
+    m = x.numel() // k if k else 0
+    if (m < 16 or k % 32 or n % 32 or weight.shape[1] != k or not weight.is_contiguous() or x.device.type != "cpu"
+            or weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
+        return None
+    out_n = n // 2 if silu_mul else n
+    if bias is not None and (silu_mul or bias.dtype is not torch.bfloat16 or not bias.is_contiguous()
+                             or bias.shape != (n,) or (torch.is_grad_enabled() and bias.requires_grad)):
+        return None
+    if residual is not None and (silu_mul or residual.dtype is not torch.bfloat16
+                                 or residual.shape != (*x.shape[:-1], n) or not residual.is_contiguous()
+                                 or (torch.is_grad_enabled() and residual.requires_grad)):
+        return None
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1 or x2.data_ptr() % 4:
+        x2 = x2.contiguous()
+    xp = _packed_rows((m + 31) // 32 * 32 * k)
+    y = torch.empty(*x.shape[:-1], out_n, dtype=torch.bfloat16)
+    rc = fn(x2.data_ptr(), m, k, x2.stride(0), weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+            y.data_ptr(), out_n, 2 if silu_mul else int(residual is not None),
+            None if residual is None else residual.data_ptr(), n, xp.data_ptr(), torch.get_num_threads())
+    return y if rc == 0 else None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm over the last dim of a small inference input (decode: a few rows) in one call, or None where the
-    kernel does not apply (the caller runs its own ops). fp32: ``F.rms_norm``'s math; bf16: fp32 statistics, the
-    normalised row rounded to bf16 and multiplied by the bf16 weight (the hybrid LMs' ``RMSNorm``)."""
+    """RMSNorm over the last dim of an inference input in one call, or None where the kernel does not apply (the
+    caller runs its own ops): fp32 up to 65536 values (decode rows), bf16 any size. fp32: ``F.rms_norm``'s math;
+    bf16: fp32 statistics, the normalised row rounded to bf16 and multiplied by the bf16 weight (the hybrid LMs'
+    ``RMSNorm``)."""
     fn = _state.get("norm") if "fn" in _state else (_load() and _state.get("norm"))
     if (fn is None or 3 in _state["off"] or x.dtype is not weight.dtype or x.dtype not in (torch.float32, torch.bfloat16)
-            or x.device.type != "cpu" or x.numel() > 65536 or x.numel() == 0 or not x.is_contiguous()
+            or x.device.type != "cpu" or (x.numel() > 65536 and x.dtype is not torch.bfloat16) or x.numel() == 0
+            or not x.is_contiguous()
             or not weight.is_contiguous() or weight.numel() != x.shape[-1]
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return None
@@ -1038,6 +1401,32 @@ def conv_step(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias
     fn(bcx.data_ptr(), state.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
        None if kp is None else kp.data_ptr(), out.data_ptr(), int(dt is torch.bfloat16), b, d, L)
     return out
+
+
+def conv_prefill(bcx: torch.Tensor, state: torch.Tensor | None, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """LFM2's gated short conv over a bf16 prompt in one call: ``bcx`` [B, T, 3d] (b, c, x), ``state`` [B, L-1, d]
+    (the cached inputs, None: zeros), ``weight`` [d, 1, L], ``bias`` [d] or None. Returns ``(c * conv(b * x), new
+    state)`` rounded where ``ShortConv.forward``'s PyTorch ops round, or None where the kernel does not apply."""
+    fn = _state.get("conv_prefill") if "fn" in _state else (_load() and _state.get("conv_prefill"))
+    if fn is None or 5 in _state["off"] or bcx.dtype is not torch.bfloat16 or bcx.dim() != 3 or bcx.device.type != "cpu":
+        return None
+    b, t, d3 = bcx.shape
+    d, taps = d3 // 3, weight.shape[-1]
+    if (d3 % 3 or taps < 2 or weight.shape != (d, 1, taps) or (torch.is_grad_enabled() and bcx.requires_grad)
+            or (bias is not None and bias.shape != (d,))
+            or (state is not None and (state.shape != (b, taps - 1, d) or state.dtype is not torch.bfloat16))):
+        return None
+    bcx = bcx.contiguous()
+    wt = weight.detach()[:, 0, :].t().to(torch.bfloat16).contiguous()
+    bias = None if bias is None else bias.detach().to(torch.bfloat16).contiguous()
+    state = None if state is None else state.contiguous()
+    out = torch.empty(b, t, d, dtype=torch.bfloat16)
+    new_state = torch.empty(b, taps - 1, d, dtype=torch.bfloat16)
+    ybuf = _packed_rows((t + taps - 1) * d, "conv")
+    fn(bcx.data_ptr(), b, t, d, taps, None if state is None else state.data_ptr(), new_state.data_ptr(), wt.data_ptr(),
+       None if bias is None else bias.data_ptr(), out.data_ptr(), ybuf.data_ptr())
+    return out, new_state
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
