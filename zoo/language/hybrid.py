@@ -44,6 +44,13 @@ round-off (greedy fp32 generations equal the reference path token for token, tes
   :class:`zoo.layers.gemv.StepProgram`. When every operator of a stack has it, a batch-1 decode step without padding
   runs as one C call for the whole stack (no Python between the kernels: about a tenth of a 350M model's step on
   this machine); otherwise the ``step`` path runs.
+* ``adds_residual = True`` (class attribute): ``forward(x, ctx, residual=None)`` returns ``residual + output`` itself
+  (:func:`out_projection`), so a bf16 prompt adds the layer's residual inside its output product (AMX epilogue).
+
+bf16 prompts (many rows, no autograd) run their products on AMX tiles where the CPU has them
+(``zoo.layers.gemv.prefill_linear`` / ``prefill_ffn``: weights read in place, SiLU and residual adds in the epilogues),
+their causal attention, RoPE, RMSNorm and short conv in one compiled call each (``ZOO_DISABLE_AMX_GEMM=1``: the stock
+products).
 
 The decoder layer, the final norm and the head are shared, so an operator that packs its projections and writes a
 ``step`` (Nemotron-Flash-style DeltaNet / Mamba2 next) is on the fast path. ``model.set_decode_path("eager")``
@@ -631,6 +638,18 @@ def packed_linear(module: nn.Module, name: str, x: torch.Tensor) -> tuple[torch.
     return tuple(p(x) for p in parts) if pk is None else pk(x, parts)
 
 
+def out_projection(proj: nn.Module, h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``residual + proj(h)`` (just ``proj(h)`` without a residual): an operator's output projection with the layer's
+    residual (operators with ``adds_residual = True``); a bf16 prompt adds it in the product's epilogue."""
+    if residual is None:
+        return proj(h)
+    if type(proj) in (Linear, nn.Linear) and not torch.is_grad_enabled():
+        y = _gemv.prefill_linear(h, proj.weight, proj.bias, residual=residual)
+        if y is not None:
+            return y
+    return residual + proj(h)
+
+
 def fused_ffn(module: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor | None:
     """A SwiGLU module's ``w2(silu(w1 x) * w3 x)`` (+ ``residual``) for a many-row bf16 inference input in one call
     (``zoo.layers.gemv.prefill_ffn``: the activation in the first product's epilogue, the residual in the second's),
@@ -825,6 +844,7 @@ class ShortConv(nn.Module):
     """LFM2 gated short convolution: ``out_proj(C * causal_dwconv_L(B * x))`` with B, C, x from one ``in_proj``."""
 
     module_name = "conv"
+    adds_residual = True  # forward(x, ctx, residual): the residual add in the output product (module docstring)
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -835,7 +855,7 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(d, d, kernel_size=k, groups=d, padding=k - 1, bias=config.conv_bias)
         self.out_proj = Linear(d, d, bias=config.conv_bias)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, residual: torch.Tensor | None = None) -> torch.Tensor:
         bcx = self.in_proj(x)
         if (x.shape[1] > 1 and ctx.pad_mask is None and ctx.segments is None and not torch.is_grad_enabled()
                 and (ctx.cache is None or not ctx.cache.record_past)):  # a bf16 prompt: one call (compiled kernel)
@@ -844,7 +864,7 @@ class ShortConv(nn.Module):
             if got is not None:
                 if ctx.cache is not None:
                     ctx.cache.layers[self.layer_idx] = got[1]  # the last k - 1 inputs, as conv_window keeps them
-                return self.out_proj(got[0])
+                return out_projection(self.out_proj, got[0], residual)
         b, c, xs = bcx.chunk(3, dim=-1)
         y = b * xs  # [B, T, d]
         if ctx.pad_mask is not None:  # padding never enters the conv window
@@ -869,7 +889,7 @@ class ShortConv(nn.Module):
                 z = z.addcmul_(window[:, j : j + t], w[j])
         if self.conv.bias is not None:
             z = z + self.conv.bias.to(z.dtype)
-        return self.out_proj(c * z)
+        return out_projection(self.out_proj, c * z, residual)
 
     def step(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """One token per row: the conv window is updated in place (no new state tensor per step)."""
@@ -919,6 +939,7 @@ class GQAttention(nn.Module):
     """Grouped-query attention with per-head RMSNorm on q and k before RoPE; output projection ``out_proj``."""
 
     module_name = "self_attn"
+    adds_residual = True
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -935,16 +956,21 @@ class GQAttention(nn.Module):
         self.q_layernorm = RMSNorm(self.head_dim, config.norm_eps)
         self.k_layernorm = RMSNorm(self.head_dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, residual: torch.Tensor | None = None) -> torch.Tensor:
         bsz, t, _ = x.shape
         q = self.q_layernorm(self.q_proj(x).view(bsz, t, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_layernorm(self.k_proj(x).view(bsz, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(bsz, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope(self.head_dim, self.rope_theta, q.dtype)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qr, kr = _gemv.rope_prompt(q, cos, sin), _gemv.rope_prompt(k, cos, sin)  # bf16 prompts: one call each
+        q = qr if qr is not None else q * cos + rotate_half(q) * sin
+        k = kr if kr is not None else k * cos + rotate_half(k) * sin
         if ctx.cache is not None:
             k, v = ctx.cache.kv_buffer(self.layer_idx).append(k, v)
+        if ctx.key_mask is None and ctx.segments is None and ctx.attentions is None and t > 1:
+            o = _gemv.attn_prefill(q, k, v, self.head_dim**-0.5)  # a bf16 prompt, causal: AMX tiles (compiled kernel)
+            if o is not None:
+                return out_projection(self.out_proj, o.view(bsz, t, self.num_heads * self.head_dim), residual)
         mask, causal = ctx.attn_mask(t, k.shape[2], x.device)
         if ctx.attentions is not None:  # explicit softmax so the probabilities can be returned (eager attention)
             rep = self.num_heads // self.num_kv_heads
@@ -962,7 +988,8 @@ class GQAttention(nn.Module):
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.head_dim**-0.5,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )
-        return self.out_proj(o.transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim))
+        return out_projection(self.out_proj, o.transpose(1, 2).reshape(bsz, t, self.num_heads * self.head_dim),
+                              residual)
 
     packed_projections = {"qkv": ("q_proj", "k_proj", "v_proj")}
 
@@ -1062,6 +1089,8 @@ class DecoderLayer(nn.Module):
         op = getattr(self, self.op_name)
         if ctx.decode_step and hasattr(op, "step"):  # the fast single-token path (module docstring)
             x = x + op.step(self.operator_norm(x), ctx)
+        elif getattr(op, "adds_residual", False):  # it adds the residual itself (in its product for bf16 prompts)
+            x = op(self.operator_norm(x), ctx, residual=x)
         else:
             x = x + op(self.operator_norm(x), ctx)
         if self.feed_forward is None:

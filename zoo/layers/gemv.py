@@ -418,30 +418,42 @@ void zoo_conv_step(const void *bcx, void *st, const void *w, const void *bias, c
    [B, L-1, d] the cached conv inputs (NULL: zeros), wt [L, d] the taps, bias [d] or NULL; out [B, T, d] = c * z with
    y = b * x, z = the causal depthwise conv of (st_in, y), and st_out [B, L-1, d] the last L-1 inputs. Rounded where
    ShortConv.forward's PyTorch ops round: y; z after the first tap and after each further tap (addcmul_); + bias; c * z.
-   ybuf: (T + L - 1) * d bf16 scratch. */
+   L <= 16. */
 void zoo_conv_prefill(const uint16_t *bcx, int64_t B, int64_t T, int64_t d, int64_t L, const uint16_t *st_in,
-                      uint16_t *st_out, const uint16_t *wt, const uint16_t *bias, uint16_t *out, uint16_t *ybuf) {
+                      uint16_t *st_out, const uint16_t *wt, const uint16_t *bias, uint16_t *out) {
+    /* token by token (rows are read in order); the last L inputs wait in a ring of L rows: input t in row t % L */
+    float *ring = (float *)aligned_alloc(64, (size_t)L * ((d + 15) / 16 * 16) * sizeof(float));
+    if (!ring) return;
+    int64_t dp = (d + 15) / 16 * 16;
     for (int64_t b = 0; b < B; b++) {
         const uint16_t *in = bcx + b * T * 3 * d;
-        for (int64_t i = 0; i < (L - 1) * d; i++) ybuf[i] = st_in ? st_in[b * (L - 1) * d + i] : 0;
-        for (int64_t t = 0; t < T; t++)
+        for (int64_t j = 1; j < L; j++) /* input -j (state row L - 1 - j) lives in ring row (L - j) % L */
             for (int64_t ch = 0; ch < d; ch += 16) {
                 __mmask16 mk = d - ch >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - ch)) - 1);
-                __m512 y = _mm512_mul_ps(ldm_bf16(mk, in + t * 3 * d + ch), ldm_bf16(mk, in + t * 3 * d + 2 * d + ch));
-                _mm256_mask_storeu_epi16(ybuf + (L - 1 + t) * d + ch, mk, bf16_round(y));
+                _mm512_store_ps(ring + ((L - j) % L) * dp + ch, st_in ? ldm_bf16(mk, st_in + (b * (L - 1) + L - 1 - j) * d + ch) : _mm512_setzero_ps());
             }
-        for (int64_t t = 0; t < T; t++)
+        for (int64_t t = 0; t < T; t++) {
+            const uint16_t *row = in + t * 3 * d;
             for (int64_t ch = 0; ch < d; ch += 16) {
                 __mmask16 mk = d - ch >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - ch)) - 1);
-                __m512 z = bf16_trunc(_mm512_mul_ps(ldm_bf16(mk, ybuf + t * d + ch), ldm_bf16(mk, wt + ch)));
+                __m512 y = bf16_trunc(_mm512_mul_ps(ldm_bf16(mk, row + ch), ldm_bf16(mk, row + 2 * d + ch)));
+                _mm512_store_ps(ring + (t % L) * dp + ch, y);
+                /* taps oldest first: w[0] on input t - (L - 1), ..., w[L - 1] on input t */
+                __m512 z = bf16_trunc(_mm512_mul_ps(_mm512_load_ps(ring + ((t + 1) % L) * dp + ch), ldm_bf16(mk, wt + ch)));
                 for (int64_t j = 1; j < L; j++)
-                    z = bf16_trunc(_mm512_add_ps(z, _mm512_mul_ps(ldm_bf16(mk, ybuf + (t + j) * d + ch), ldm_bf16(mk, wt + j * d + ch))));
+                    z = bf16_trunc(_mm512_add_ps(z, _mm512_mul_ps(_mm512_load_ps(ring + ((t + 1 + j) % L) * dp + ch), ldm_bf16(mk, wt + j * d + ch))));
                 if (bias) z = bf16_trunc(_mm512_add_ps(z, ldm_bf16(mk, bias + ch)));
-                _mm256_mask_storeu_epi16(out + (b * T + t) * d + ch, mk,
-                                         bf16_round(_mm512_mul_ps(ldm_bf16(mk, in + t * 3 * d + d + ch), z)));
+                _mm256_mask_storeu_epi16(out + (b * T + t) * d + ch, mk, bf16_round(_mm512_mul_ps(ldm_bf16(mk, row + d + ch), z)));
             }
-        memcpy(st_out + b * (L - 1) * d, ybuf + T * d, (L - 1) * d * sizeof(uint16_t));
+        }
+        for (int64_t j = 1; j < L; j++) /* the new state: inputs T - (L - 1) .. T - 1, oldest first */
+            for (int64_t ch = 0; ch < d; ch += 16) {
+                __mmask16 mk = d - ch >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - ch)) - 1);
+                _mm256_mask_storeu_epi16(st_out + (b * (L - 1) + L - 1 - j) * d + ch, mk,
+                                         bf16_round(_mm512_load_ps(ring + (((T - j) % L + L) % L) * dp + ch)));
+            }
     }
+    free(ring);
 }
 
 /* RoPE of one position per row: out = x * cos + rotate_half(x) * sin for x [B, R, hd] (R heads), cos / sin [B or 1,
@@ -451,6 +463,24 @@ void zoo_rope(const void *x, const void *cos, const void *sin, void *out, int bf
 #define RD(p, i) (bf ? from_bf16(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
 #define RND(v) (bf ? from_bf16(to_bf16(v)) : (v))
     int64_t half = hd / 2;
+    if (bf && half % 16 == 0) { /* 16 lanes at a time, the same roundings (prompts: one row per token) */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t r = 0; r < R; r++) {
+                const uint16_t *xr = (const uint16_t *)x + (b * R + r) * hd, *cr = (const uint16_t *)cos + b * cs,
+                               *sr = (const uint16_t *)sin + b * cs;
+                uint16_t *orow = (uint16_t *)out + (b * R + r) * hd;
+                for (int64_t i = 0; i < half; i += 16) {
+                    __m512 x1 = ld_bf16(xr + i), x2 = ld_bf16(xr + half + i);
+                    __m512 o1 = _mm512_add_ps(bf16_trunc(_mm512_mul_ps(x1, ld_bf16(cr + i))),
+                                              bf16_trunc(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), x2), ld_bf16(sr + i))));
+                    __m512 o2 = _mm512_add_ps(bf16_trunc(_mm512_mul_ps(x2, ld_bf16(cr + half + i))),
+                                              bf16_trunc(_mm512_mul_ps(x1, ld_bf16(sr + half + i))));
+                    _mm256_storeu_si256((__m256i *)(orow + i), bf16_round(o1));
+                    _mm256_storeu_si256((__m256i *)(orow + half + i), bf16_round(o2));
+                }
+            }
+        return;
+    }
     for (int64_t b = 0; b < B; b++)
         for (int64_t r = 0; r < R; r++)
             for (int64_t i = 0; i < hd; i++) {
@@ -747,6 +777,127 @@ static void gemm_part(const void *arg, int64_t nb0, int64_t nb1) {
     while (have && done < EPI_PIECES) epilogue_unit(g, c[cur ^ 1], pnb, pm0, done++);
 }
 
+/* Causal attention of a bf16 prompt on AMX tiles: q [B, H, T, hd], k / v [B, KVH, S, hd] (strides in elements:
+   q (qb, qh, qt), k and v (kb, kh, S rows of hd), o [B, T, H, hd] contiguous), query i at position S - T + i sees keys
+   [0, S - T + i]; head h reads kv head h / (H / KVH). Scores and softmax in fp32; the unnormalised probabilities
+   (<= 1) go to bf16 for the value product, whose fp32 sums are divided by the row's sum before the one rounding of
+   the output (what a flash kernel does). hd % 32 == 0, hd <= 256. */
+typedef struct {
+    const uint16_t *q, *k, *v; uint16_t *o, *kp, *vp; int64_t B, H, KVH, T, S, SP, hd, qb, qh, qt, kb, kh; float scale;
+} attn_amx_t;
+
+static void attn_pack_part(const void *arg, int64_t i0, int64_t i1) { /* kv heads (b, kvh): keys and values -> B tiles */
+    const attn_amx_t *a = (const attn_amx_t *)arg;
+    int64_t hd = a->hd, kq = hd / 32;
+    for (int64_t i = i0; i < i1; i++) {
+        const uint16_t *k = a->k + (i / a->KVH) * a->kb + (i % a->KVH) * a->kh, *v = a->v + (i / a->KVH) * a->kb + (i % a->KVH) * a->kh;
+        uint16_t *kp = a->kp + i * a->SP * hd, *vp = a->vp + i * a->SP * hd;
+        for (int64_t j0 = 0; j0 < a->SP; j0 += 16) /* K^T: per 16 keys and 32 dims, 16 dim pairs x 16 keys */
+            for (int64_t q = 0; q < kq; q++) {
+                __m512i r[16];
+                for (int m = 0; m < 16; m++)
+                    r[m] = j0 + m < a->S ? _mm512_loadu_si512(k + (j0 + m) * hd + q * 32) : _mm512_setzero_si512();
+                tr16x16(r);
+                for (int m = 0; m < 16; m++) _mm512_store_si512(kp + ((j0 / 16) * kq + q) * 512 + m * 32, r[m]);
+            }
+        for (int64_t j0 = 0; j0 < a->SP; j0 += 32) /* V: per 32 keys and 16 dims, 16 key pairs x 16 dims */
+            for (int64_t c = 0; c < hd; c += 16)
+                for (int r = 0; r < 16; r++) {
+                    int64_t j = j0 + 2 * r;
+                    __m512i lo = j < a->S ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + j * hd + c))) : _mm512_setzero_si512();
+                    __m512i hi = j + 1 < a->S ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v + (j + 1) * hd + c))) : _mm512_setzero_si512();
+                    _mm512_store_si512(vp + ((j0 / 32) * (hd / 16) + c / 16) * 512 + r * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+    }
+}
+
+static void attn_amx_part(const void *arg, int64_t w0, int64_t w1) { /* work items (b, h, 16-query block) */
+    const attn_amx_t *a = (const attn_amx_t *)arg;
+    int64_t hd = a->hd, kq = hd / 32, nqb = (a->T + 15) / 16, past = a->S - a->T;
+    float *s = (float *)aligned_alloc(64, (size_t)16 * a->SP * sizeof(float) + 16 * hd * sizeof(float));
+    uint16_t *p = (uint16_t *)aligned_alloc(64, (size_t)16 * a->SP * sizeof(uint16_t) + 64);
+    if (!s || !p) { free(s); free(p); return; }
+    float *ob = s + 16 * a->SP, sums[16];
+    tiles_on();
+    for (int64_t w = w0; w < w1; w++) {
+        int64_t b = w / (a->H * nqb), h = (w / nqb) % a->H, i0 = (w % nqb) * 16, kvi = b * a->KVH + h / (a->H / a->KVH);
+        int64_t rows = a->T - i0 < 16 ? a->T - i0 : 16, last = past + i0 + rows - 1; /* last key any row sees */
+        int64_t nk = (last + 1 + 31) / 32 * 32;                                    /* keys computed, whole blocks */
+        const uint16_t *q = a->q + b * a->qb + h * a->qh + i0 * a->qt, *kp = a->kp + kvi * a->SP * hd, *vp = a->vp + kvi * a->SP * hd;
+        uint16_t qbuf[16 * 256] __attribute__((aligned(64)));
+        for (int r = 0; r < 16; r++) /* the queries (zeros past T) as A tiles */
+            for (int64_t c = 0; c < hd; c += 32)
+                _mm512_store_si512(qbuf + r * hd + c, r < rows ? _mm512_loadu_si512(q + r * a->qt + c) : _mm512_setzero_si512());
+        for (int64_t j0 = 0; j0 < nk; j0 += 16) {
+            _tile_zero(0);
+            for (int64_t c = 0; c < kq; c++) {
+                _tile_loadd(4, qbuf + c * 32, hd * 2);
+                _tile_loadd(6, kp + ((j0 / 16) * kq + c) * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, s + j0, a->SP * 4);
+        }
+        for (int r = 0; r < 16; r++) { /* masked, scaled softmax numerators in fp32 -> bf16 */
+            float *sr = s + r * a->SP;
+            uint16_t *pr = p + r * a->SP;
+            int64_t see = r < rows ? past + i0 + r + 1 : 0;
+            __m512 mx = _mm512_set1_ps(-INFINITY), sc = _mm512_set1_ps(a->scale), acc = _mm512_setzero_ps();
+            for (int64_t j = 0; j < see; j += 16) {
+                __mmask16 mk = see - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (see - j)) - 1);
+                mx = _mm512_mask_max_ps(mx, mk, mx, _mm512_mul_ps(_mm512_loadu_ps(sr + j), sc));
+            }
+            float m = see ? _mm512_reduce_max_ps(mx) : 0.0f;
+            for (int64_t j = 0; j < nk; j += 16) {
+                __mmask16 mk = j >= see ? 0 : see - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (see - j)) - 1);
+                __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(sr + j), sc), _mm512_set1_ps(m))));
+                __m256i eb = bf16_round(e);
+                acc = _mm512_add_ps(acc, bf16_to_f32(eb)); /* the sum of what the value product multiplies */
+                _mm256_storeu_si256((__m256i *)(pr + j), eb);
+            }
+            sums[r] = _mm512_reduce_add_ps(acc);
+        }
+        for (int64_t c0 = 0; c0 < hd; c0 += 64) { /* up to 4 column groups of 16 at a time */
+            int ng = hd - c0 >= 64 ? 4 : (int)((hd - c0) / 16);
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t j0 = 0; j0 < nk; j0 += 32) {
+                _tile_loadd(4, p + j0, a->SP * 2);
+                const uint16_t *vb = vp + ((j0 / 32) * (hd / 16) + c0 / 16) * 512;
+                _tile_loadd(6, vb, 64); _tile_dpbf16ps(0, 4, 6);
+                if (ng > 1) { _tile_loadd(7, vb + 512, 64); _tile_dpbf16ps(1, 4, 7); }
+                if (ng > 2) { _tile_loadd(6, vb + 1024, 64); _tile_dpbf16ps(2, 4, 6); }
+                if (ng > 3) { _tile_loadd(7, vb + 1536, 64); _tile_dpbf16ps(3, 4, 7); }
+            }
+            _tile_stored(0, ob + c0, hd * 4);
+            if (ng > 1) _tile_stored(1, ob + c0 + 16, hd * 4);
+            if (ng > 2) _tile_stored(2, ob + c0 + 32, hd * 4);
+            if (ng > 3) _tile_stored(3, ob + c0 + 48, hd * 4);
+        }
+        for (int r = 0; r < rows; r++) {
+            __m512 inv = _mm512_set1_ps(1.0f / sums[r]);
+            uint16_t *dst = a->o + ((b * a->T + i0 + r) * a->H + h) * hd;
+            for (int64_t c = 0; c < hd; c += 16)
+                _mm256_storeu_si256((__m256i *)(dst + c), bf16_round(_mm512_mul_ps(_mm512_loadu_ps(ob + r * hd + c), inv)));
+        }
+    }
+    _tile_release();
+    free(s);
+    free(p);
+}
+
+int zoo_attn_prefill(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t B, int64_t H,
+                     int64_t KVH, int64_t T, int64_t S, int64_t hd, const int64_t *strides, float scale, int threads) {
+    int64_t sp = (S + 31) / 32 * 32;
+    uint16_t *kp = (uint16_t *)aligned_alloc(64, (size_t)2 * B * KVH * sp * hd * sizeof(uint16_t));
+    if (!kp) return -1;
+    attn_amx_t a = {q, k, v, o, kp, kp + B * KVH * sp * hd, B, H, KVH, T, S, sp, hd,
+                    strides[0], strides[1], strides[2], strides[3], strides[4], scale};
+    int64_t parts = threads < 1 ? 1 : threads > MAXT ? MAXT : threads;
+    run_split(attn_pack_part, &a, B * KVH, parts);
+    run_split(attn_amx_part, &a, B * H * ((T + 15) / 16), parts);
+    free(kp);
+    return 0;
+}
+
 /* packs x (unless pack is 0: g->xp holds it already), then runs the product over n-blocks on `threads` threads */
 static int gemm_run(gemm_t *g, int pack, int threads) {
     int64_t mp = (g->M + 31) / 32, nbs = g->N / 32; /* EPI_SILU_MUL: F / 16 blocks of (16 gate, 16 up) rows */
@@ -795,6 +946,8 @@ int zoo_gemm_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const ui
                   uint16_t *xp, int threads) { return -1; }
 int zoo_ffn_bf16(const uint16_t *x, int64_t M, int64_t K, int64_t ldx, const uint16_t *w13, int64_t F,
                  const uint16_t *w2, uint16_t *y, const uint16_t *aux, uint16_t *xp, uint16_t *hp, int threads) { return -1; }
+int zoo_attn_prefill(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int64_t B, int64_t H,
+                     int64_t KVH, int64_t T, int64_t S, int64_t hd, const int64_t *strides, float scale, int threads) { return -1; }
 #endif
 
 /* ---- a decode-step program: one call runs a whole layer stack (no Python between the kernels). Each instruction is
@@ -1186,13 +1339,16 @@ def _load():
         ff.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_void_p, c.c_int64, c.c_void_p, c.c_void_p,
                        c.c_void_p, c.c_void_p, c.c_void_p, c.c_int]
         ff.restype = c.c_int
+        ap = lib.zoo_attn_prefill
+        ap.argtypes = [c.c_void_p] * 4 + [c.c_int64] * 6 + [c.c_void_p, c.c_float, c.c_int]
+        ap.restype = c.c_int
         cp = lib.zoo_conv_prefill
-        cp.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_int64] + [c.c_void_p] * 6
+        cp.argtypes = [c.c_void_p, c.c_int64, c.c_int64, c.c_int64, c.c_int64] + [c.c_void_p] * 5
         cp.restype = None
         _state["conv_prefill"] = cp
         # AMX needs the kernel's permission for its tile state once per process (Linux >= 5.16)
         amx = amx and lib.zoo_amx_init() == 0
-        _state["gemm"], _state["ffn"] = (gm, ff) if amx else (None, None)
+        _state["gemm"], _state["ffn"], _state["attn_prefill"] = (gm, ff, ap) if amx else (None, None, None)
         _state["off"] = {k for k, env in _ENV.items() if os.environ.get(env)}
     except Exception:  # noqa: BLE001 - any failure just means the stock kernel is used
         _state["fn"] = None
@@ -1403,6 +1559,30 @@ def conv_step(bcx: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias
     return out
 
 
+def attn_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal grouped-query attention of a bf16 prompt on AMX tiles: ``q`` [B, H, T, hd], ``k`` / ``v`` [B, KVH, S,
+    hd] (S >= T: the last T keys are the prompt's, earlier ones cached; each [S, hd] block contiguous); query i sees
+    keys up to S - T + i. Returns the output as [B, T, H, hd] (the layout the output projection reads), or None where
+    the kernel does not apply. fp32 scores and softmax, bf16 probabilities into the value product (as a flash
+    kernel), one rounding of the output."""
+    fn = _state.get("attn_prefill") if "fn" in _state else (_load() and _state.get("attn_prefill"))
+    if fn is None or 9 in _state["off"] or 4 in _state["off"] or not all(t.dtype is torch.bfloat16 for t in (q, k, v)):
+        return None
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.device.type != "cpu":
+        return None
+    b, h, t, hd = q.shape
+    kvh, s = k.shape[1], k.shape[2]
+    if (k.shape[0] != b or k.shape[3] != hd or hd % 32 or hd > 256 or h % kvh or s < t or t < 16
+            or q.stride(3) != 1 or k.stride() != v.stride() or k.stride(3) != 1 or k.stride(2) != hd
+            or (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))):
+        return None
+    o = torch.empty(b, t, h, hd, dtype=torch.bfloat16)
+    strides = torch.tensor([q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1)], dtype=torch.int64)
+    rc = fn(q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), b, h, kvh, t, s, hd, strides.data_ptr(), scale,
+            torch.get_num_threads())
+    return o if rc == 0 else None
+
+
 def conv_prefill(bcx: torch.Tensor, state: torch.Tensor | None, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """LFM2's gated short conv over a bf16 prompt in one call: ``bcx`` [B, T, 3d] (b, c, x), ``state`` [B, L-1, d]
@@ -1413,7 +1593,7 @@ def conv_prefill(bcx: torch.Tensor, state: torch.Tensor | None, weight: torch.Te
         return None
     b, t, d3 = bcx.shape
     d, taps = d3 // 3, weight.shape[-1]
-    if (d3 % 3 or taps < 2 or weight.shape != (d, 1, taps) or (torch.is_grad_enabled() and bcx.requires_grad)
+    if (d3 % 3 or taps < 2 or taps > 16 or weight.shape != (d, 1, taps) or (torch.is_grad_enabled() and bcx.requires_grad)
             or (bias is not None and bias.shape != (d,))
             or (state is not None and (state.shape != (b, taps - 1, d) or state.dtype is not torch.bfloat16))):
         return None
@@ -1423,9 +1603,8 @@ def conv_prefill(bcx: torch.Tensor, state: torch.Tensor | None, weight: torch.Te
     state = None if state is None else state.contiguous()
     out = torch.empty(b, t, d, dtype=torch.bfloat16)
     new_state = torch.empty(b, taps - 1, d, dtype=torch.bfloat16)
-    ybuf = _packed_rows((t + taps - 1) * d, "conv")
     fn(bcx.data_ptr(), b, t, d, taps, None if state is None else state.data_ptr(), new_state.data_ptr(), wt.data_ptr(),
-       None if bias is None else bias.data_ptr(), out.data_ptr(), ybuf.data_ptr())
+       None if bias is None else bias.data_ptr(), out.data_ptr())
     return out, new_state
 
 
@@ -1444,6 +1623,23 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), int(x.dtype is torch.bfloat16), b, h, hd,
        hd if cos.shape[0] > 1 else 0)
     return out
+
+
+def rope_prompt(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """``x * cos + rotate_half(x) * sin`` for a bf16 prompt in one call: ``x`` [B, H, T, hd] laid out as [B, T, H,
+    hd] (the heads view of a projection), ``cos`` / ``sin`` [B, 1, T, hd] (or [1, 1, T, hd] for B == 1); the result
+    has ``x``'s shape and layout, rounded as those ops round; None where it does not apply."""
+    fn = _state.get("rope") if "fn" in _state else (_load() and _state.get("rope"))
+    if (fn is None or 6 in _state["off"] or x.dtype is not torch.bfloat16 or x.device.type != "cpu" or x.dim() != 4
+            or not (cos.dtype is sin.dtype is x.dtype) or torch.is_grad_enabled()):
+        return None
+    b, h, t, hd = x.shape
+    if (hd % 32 or x.stride() != (t * h * hd, hd, h * hd, 1) or cos.shape != sin.shape
+            or cos.shape != (b, 1, t, hd) or not cos.is_contiguous() or not sin.is_contiguous()):
+        return None
+    out = torch.empty(b, t, h, hd, dtype=x.dtype)
+    fn(x.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), 1, b * t, h, hd, hd)
+    return out.transpose(1, 2)
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
