@@ -281,3 +281,41 @@ def test_conv_prefill_kernel_matches_the_module_ops_and_keeps_the_state(kernel, 
     assert calls == [(2, 33, 40, 3)]  # (rows, tokens, channels, taps): the kernel ran once, then the ops
     assert torch.equal(runs["kernel"][0], runs["ops"][0])
     assert torch.equal(runs["kernel"][1], runs["ops"][1])
+
+
+@pytest.mark.parametrize("b,h,kvh,t,past,hd", [(1, 4, 2, 64, 0, 64), (2, 4, 4, 37, 0, 32), (1, 2, 1, 40, 25, 128)])
+def test_prompt_attention_on_amx_matches_sdpa(amx, b, h, kvh, t, past, hd):
+    """Causal grouped-query attention of a bf16 prompt (after ``past`` cached keys): within bf16 round-off of fp32
+    SDPA on the same inputs, as close as PyTorch's own bf16 SDPA; output laid out [B, T, H, hd]."""
+    g = torch.Generator().manual_seed(t)
+    s = past + t
+    q = torch.randn(b, t, h, hd, generator=g).bfloat16().transpose(1, 2)  # the heads view of a projection
+    kv = torch.randn(2, b, kvh, s + 5, hd, generator=g).bfloat16()  # a KV buffer with room: views of its rows
+    k, v = kv[0, :, :, :s], kv[1, :, :, :s]
+    mask = torch.ones(t, s, dtype=torch.bool).tril(past)
+    with torch.inference_mode():
+        got = gemv.attn_prefill(q, k, v, hd ** -0.5)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=hd ** -0.5,
+                                              enable_gqa=True).transpose(1, 2)
+        stock = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5, enable_gqa=True)
+    assert got.shape == (b, t, h, hd) and got.dtype == torch.bfloat16
+    err, stock_err = (got.float() - want).abs().max().item(), (stock.transpose(1, 2).float() - want).abs().max().item()
+    assert err <= 1.5 * stock_err + 1e-3, (err, stock_err)
+    with torch.inference_mode():
+        assert gemv.attn_prefill(q[:, :, :8], k, v, 1.0) is None  # fewer than 16 queries: SDPA
+        cut = slice(0, hd - 16)
+        assert gemv.attn_prefill(q[..., cut], k[..., cut], v[..., cut], 1.0) is None  # hd % 32
+
+
+def test_prompt_rope_kernel_matches_the_module_ops(kernel):
+    from zoo.language.hybrid import rotate_half
+
+    g = torch.Generator().manual_seed(0)
+    for b, t, h, hd in ((1, 50, 4, 64), (2, 17, 2, 32)):
+        x = (3 * torch.randn(b, t, h, hd, generator=g)).bfloat16().transpose(1, 2)
+        ang = torch.arange(t).float()[None, :, None] * torch.rand(hd, generator=g)
+        cos, sin = ang.cos()[:, None].expand(b, 1, t, hd).bfloat16().contiguous(), ang.sin()[:, None].expand(b, 1, t, hd).bfloat16().contiguous()
+        with torch.inference_mode():
+            got = gemv.rope_prompt(x, cos, sin)
+            assert torch.equal(got, x * cos + rotate_half(x) * sin) and got.stride() == x.stride()
+            assert gemv.rope_prompt(x.float(), cos.float(), sin.float()) is None  # fp32: the module ops
