@@ -314,7 +314,8 @@ def test_prompt_rope_kernel_matches_the_module_ops(kernel):
     for b, t, h, hd in ((1, 50, 4, 64), (2, 17, 2, 32)):
         x = (3 * torch.randn(b, t, h, hd, generator=g)).bfloat16().transpose(1, 2)
         ang = torch.arange(t).float()[None, :, None] * torch.rand(hd, generator=g)
-        cos, sin = ang.cos()[:, None].expand(b, 1, t, hd).bfloat16().contiguous(), ang.sin()[:, None].expand(b, 1, t, hd).bfloat16().contiguous()
+        cos = ang.cos()[:, None].expand(b, 1, t, hd).bfloat16().contiguous()
+        sin = ang.sin()[:, None].expand(b, 1, t, hd).bfloat16().contiguous()
         with torch.inference_mode():
             got = gemv.rope_prompt(x, cos, sin)
             assert torch.equal(got, x * cos + rotate_half(x) * sin) and got.stride() == x.stride()

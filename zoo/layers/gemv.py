@@ -24,6 +24,16 @@ Once the products stream at bandwidth, the Python around them is the rest of a s
 :class:`StepProgram` records a whole batch-1 decode step as a list of these kernel calls over fixed buffers and runs
 it with one C call per token (``zoo_run``); :func:`move_to_arena` lays the recorded matrices out in reading order in one
 buffer of 2 MiB pages. ``ZOO_DISABLE_STEP_PROGRAM=1`` turns programs off.
+
+Prompts (prefill) are the opposite case: many rows per weight, so the products are compute-bound. For bf16 on CPUs with
+AMX (Sapphire Rapids and later; the same C file, built with ``-mamx-tile -mamx-bf16`` where the compiler knows them)
+:func:`prefill_linear` multiplies on AMX tiles without reordering the weight: its plain rows are the tiles' A operand
+(16 outputs x 32 k), the activations are packed once per call into B tiles (VNNI pairs), and each finished 32 x 32
+block is transposed into the output in pieces that run inside the next block's multiplies. Its epilogues add a
+residual or apply SiLU x up where the PyTorch ops would round; :func:`prefill_ffn` runs a SwiGLU feed-forward in one
+call, the hidden activations going straight from the first product's epilogue into the second product's tile layout.
+:func:`attn_prefill` (causal grouped-query attention), :func:`rope_prompt`, :func:`conv_prefill` and :func:`rms_norm`
+cover the rest of a bf16 prompt. ``ZOO_DISABLE_AMX_GEMM=1`` turns the AMX products and attention off.
 """
 from __future__ import annotations
 
@@ -37,8 +47,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "prefill_linear", "prefill_ffn", "int8_linear", "use_hugepages", "move_to_arena", "rms_norm", "attn_decode", "conv_step", "rope", "kernels_available",
-           "reset", "StepProgram", "NotProgrammable"]
+__all__ = ["linear", "int8_linear", "use_hugepages", "move_to_arena", "rms_norm", "attn_decode", "conv_step", "rope",
+           "kernels_available", "reset", "StepProgram", "NotProgrammable", "prefill_linear", "prefill_ffn",
+           "attn_prefill", "rope_prompt", "conv_prefill"]
 
 # fp32 rows: 4 accumulators x 16 lanes; bf16 rows: shift to fp32; int8 rows: sign-extend + convert; all FMA.
 _GEMV_C = r"""
@@ -1589,11 +1600,13 @@ def conv_prefill(bcx: torch.Tensor, state: torch.Tensor | None, weight: torch.Te
     (the cached inputs, None: zeros), ``weight`` [d, 1, L], ``bias`` [d] or None. Returns ``(c * conv(b * x), new
     state)`` rounded where ``ShortConv.forward``'s PyTorch ops round, or None where the kernel does not apply."""
     fn = _state.get("conv_prefill") if "fn" in _state else (_load() and _state.get("conv_prefill"))
-    if fn is None or 5 in _state["off"] or bcx.dtype is not torch.bfloat16 or bcx.dim() != 3 or bcx.device.type != "cpu":
+    if (fn is None or 5 in _state["off"] or bcx.dtype is not torch.bfloat16 or bcx.dim() != 3
+            or bcx.device.type != "cpu"):
         return None
     b, t, d3 = bcx.shape
     d, taps = d3 // 3, weight.shape[-1]
-    if (d3 % 3 or taps < 2 or taps > 16 or weight.shape != (d, 1, taps) or (torch.is_grad_enabled() and bcx.requires_grad)
+    if (d3 % 3 or taps < 2 or taps > 16 or weight.shape != (d, 1, taps)
+            or (torch.is_grad_enabled() and bcx.requires_grad)
             or (bias is not None and bias.shape != (d,))
             or (state is not None and (state.shape != (b, taps - 1, d) or state.dtype is not torch.bfloat16))):
         return None
