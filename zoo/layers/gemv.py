@@ -514,8 +514,20 @@ static atomic_long gen;              /* call counter: a change starts the worker
 static atomic_int pending;           /* workers still busy with the current call */
 static void (*cur_fn)(const void *, int64_t, int64_t); /* the current call's work over part [lo, hi) */
 static const void *cur_arg;
-static int64_t bounds[MAXT + 1];
-static int parts_now;
+static int parts_now;                /* threads taking part in the current call */
+static atomic_long next_chunk;       /* the current call's range [0, chunk_n) goes in chunk_total chunks, claimed in
+                                        order by whoever is free: a thread that starts late or runs slow (a busy host
+                                        core) takes fewer, instead of holding up the call with a fixed share */
+static int64_t chunk_total, chunk_n;
+#define CHUNKS_PER_THREAD 4
+
+static void take_chunks(void) {
+    for (;;) {
+        int64_t c = atomic_fetch_add_explicit(&next_chunk, 1, memory_order_relaxed);
+        if (c >= chunk_total) return;
+        cur_fn(cur_arg, chunk_n * c / chunk_total, chunk_n * (c + 1) / chunk_total);
+    }
+}
 
 static atomic_int hot;               /* a step program is running: workers keep spinning between its products */
 static long start_gen[MAXT + 1];   /* the call count when a worker was created (it may start running later) */
@@ -532,7 +544,7 @@ static void *worker(void *arg) {
             pthread_mutex_unlock(&mu);
         }
         seen = atomic_load_explicit(&gen, memory_order_acquire);
-        if (id < parts_now) cur_fn(cur_arg, bounds[id], bounds[id + 1]);
+        if (id < parts_now) take_chunks();
         if (atomic_fetch_sub(&pending, 1) == 1) {
             pthread_mutex_lock(&mu);
             pthread_cond_signal(&done_cv);
@@ -565,8 +577,9 @@ static int ensure_workers(int want) {
     return nworkers;
 }
 
-/* fn(arg, lo, hi) over [0, n) in `parts` contiguous parts, the caller taking the first (one part, or the pool busy
-   with another caller: all on the calling thread) */
+/* fn(arg, lo, hi) over [0, n) on `parts` threads, the caller among them, in contiguous chunks (CHUNKS_PER_THREAD per
+   thread) claimed in order (one part, or the pool busy with another caller: all on the calling thread). Callers'
+   parts are independent, so which thread runs a chunk never changes a result. */
 static void run_split(void (*fn)(const void *, int64_t, int64_t), const void *arg, int64_t n, int64_t parts) {
     if (parts > n) parts = n;
     if (parts <= 1 || pthread_mutex_trylock(&call_mu) != 0) {
@@ -577,14 +590,16 @@ static void run_split(void (*fn)(const void *, int64_t, int64_t), const void *ar
     if (have < parts - 1) parts = have + 1;
     cur_fn = fn;
     cur_arg = arg;
-    for (int64_t t = 0; t <= parts; t++) bounds[t] = n * t / parts;
     parts_now = (int)parts;
+    chunk_n = n;
+    chunk_total = parts * CHUNKS_PER_THREAD < n ? parts * CHUNKS_PER_THREAD : n;
+    atomic_store_explicit(&next_chunk, 0, memory_order_relaxed);
     atomic_store(&pending, have);
     pthread_mutex_lock(&mu);
     atomic_fetch_add_explicit(&gen, 1, memory_order_release);
     pthread_cond_broadcast(&go_cv);
     pthread_mutex_unlock(&mu);
-    fn(arg, bounds[0], bounds[1]);
+    take_chunks();
     for (int i = 0; i < 1000 && atomic_load_explicit(&pending, memory_order_acquire) > 0; i++) _mm_pause();
     if (atomic_load(&pending) > 0) {
         pthread_mutex_lock(&mu);
