@@ -320,3 +320,20 @@ def test_prompt_rope_kernel_matches_the_module_ops(kernel):
             got = gemv.rope_prompt(x, cos, sin)
             assert torch.equal(got, x * cos + rotate_half(x) * sin) and got.stride() == x.stride()
             assert gemv.rope_prompt(x.float(), cos.float(), sin.float()) is None  # fp32: the module ops
+
+
+def test_long_prompts_run_in_row_blocks_with_the_same_bits(amx, monkeypatch):
+    """Prompts longer than ``_PREFILL_ROWS`` go through the products in row blocks (bounded scratch): rows are
+    independent, so the bits are those of one call."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 100, 64, generator=g).bfloat16()
+    w13, w2 = torch.randn(128, 64, generator=g).bfloat16(), torch.randn(64, 64, generator=g).bfloat16()
+    r, r13 = torch.randn(1, 100, 64, generator=g).bfloat16(), torch.randn(1, 100, 128, generator=g).bfloat16()
+    with torch.inference_mode():
+        whole = [gemv.prefill_linear(x, w13, residual=r13), gemv.prefill_linear(x, w13, silu_mul=True),
+                 gemv.prefill_ffn(x, w13, w2, r)]
+        monkeypatch.setattr(gemv, "_PREFILL_ROWS", 32)  # 100 rows: blocks of 32, 32, 32, 4
+        blocks = [gemv.prefill_linear(x, w13, residual=r13), gemv.prefill_linear(x, w13, silu_mul=True),
+                  gemv.prefill_ffn(x, w13, w2, r)]
+    for a, b in zip(whole, blocks):
+        assert torch.equal(a, b)

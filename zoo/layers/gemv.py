@@ -1434,6 +1434,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 _scratch = threading.local()  # per calling thread: ctypes releases the GIL, so two threads may be inside at once
+_PREFILL_ROWS = 1024  # rows per call of the prompt products: bounds the packed scratch (a few MB) for any prompt
 
 
 def _packed_rows(n: int, name: str = "xp") -> torch.Tensor:
@@ -1470,12 +1471,17 @@ def prefill_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1 or x2.data_ptr() % 4:
         x2 = x2.contiguous()
-    rows = (m + 31) // 32 * 32
-    xp, hp = _packed_rows(rows * k), _packed_rows(rows * f, "hp")
+    rows = min(m, _PREFILL_ROWS)
+    xp, hp = _packed_rows((rows + 31) // 32 * 32 * k), _packed_rows((rows + 31) // 32 * 32 * f, "hp")
     y = torch.empty(x.shape, dtype=torch.bfloat16)
-    rc = fn(x2.data_ptr(), m, k, x2.stride(0), w13.data_ptr(), f, w2.data_ptr(), y.data_ptr(),
-            None if residual is None else residual.data_ptr(), xp.data_ptr(), hp.data_ptr(), torch.get_num_threads())
-    return y if rc == 0 else None
+    y2, r2 = y.view(m, k), None if residual is None else residual.view(m, k)
+    for r0 in range(0, m, rows):
+        mr = min(rows, m - r0)
+        rc = fn(x2[r0].data_ptr(), mr, k, x2.stride(0), w13.data_ptr(), f, w2.data_ptr(), y2[r0].data_ptr(),
+                None if r2 is None else r2[r0].data_ptr(), xp.data_ptr(), hp.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            return None
+    return y
 
 
 def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -1509,12 +1515,18 @@ def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     x2 = x.reshape(m, k)
     if x2.stride(1) != 1 or x2.data_ptr() % 4:
         x2 = x2.contiguous()
-    xp = _packed_rows((m + 31) // 32 * 32 * k)
+    rows = min(m, _PREFILL_ROWS)
+    xp = _packed_rows((rows + 31) // 32 * 32 * k)
     y = torch.empty(*x.shape[:-1], out_n, dtype=torch.bfloat16)
-    rc = fn(x2.data_ptr(), m, k, x2.stride(0), weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
-            y.data_ptr(), out_n, 2 if silu_mul else int(residual is not None),
-            None if residual is None else residual.data_ptr(), n, xp.data_ptr(), torch.get_num_threads())
-    return y if rc == 0 else None
+    y2, r2 = y.view(m, out_n), None if residual is None else residual.view(m, n)
+    for r0 in range(0, m, rows):
+        mr = min(rows, m - r0)
+        rc = fn(x2[r0].data_ptr(), mr, k, x2.stride(0), weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
+                y2[r0].data_ptr(), out_n, 2 if silu_mul else int(residual is not None),
+                None if r2 is None else r2[r0].data_ptr(), n, xp.data_ptr(), torch.get_num_threads())
+        if rc != 0:
+            return None
+    return y
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
