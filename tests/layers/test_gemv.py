@@ -198,7 +198,8 @@ def test_hugepages_keep_the_weights_and_their_products(kernel):
 @pytest.fixture(scope="module")
 def amx(kernel):
     if gemv._state.get("gemm") is None:
-        pytest.skip("no AMX (Sapphire Rapids or later) here: prefills run the stock products (checked below)")
+        pytest.skip("no AMX (Sapphire Rapids or later) here: prefills run the stock products "
+                    "(test_prompts_run_the_stock_ops_without_amx_or_when_switched_off checks that)")
     return gemv._state["gemm"]
 
 
@@ -337,3 +338,25 @@ def test_long_prompts_run_in_row_blocks_with_the_same_bits(amx, monkeypatch):
                   gemv.prefill_ffn(x, w13, w2, r)]
     for a, b in zip(whole, blocks):
         assert torch.equal(a, b)
+
+
+def test_prompts_run_the_stock_ops_without_amx_or_when_switched_off(kernel, monkeypatch):
+    """Without AMX (another CPU, or a compiler without it) or with ``ZOO_DISABLE_AMX_GEMM=1`` the prompt kernels step
+    aside and the stock PyTorch ops give their exact results."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1, 40, 64, generator=g).bfloat16(), torch.randn(64, 64, generator=g).bfloat16()
+    q, kv = torch.randn(1, 2, 40, 32, generator=g).bfloat16(), torch.randn(1, 1, 40, 32, generator=g).bfloat16()
+    for how in ("no AMX", "switched off"):
+        with monkeypatch.context() as mp:
+            if how == "no AMX":
+                for name in ("gemm", "ffn", "attn_prefill"):
+                    mp.setitem(gemv._state, name, None)
+            else:
+                mp.setenv("ZOO_DISABLE_AMX_GEMM", "1")
+                gemv.reset()
+                assert 9 in (gemv._load() and gemv._state["off"])
+            with torch.inference_mode():
+                assert gemv.prefill_linear(x, w) is None and gemv.prefill_ffn(x, w, w[:, :32].contiguous()) is None
+                assert gemv.attn_prefill(q, kv, kv, 1.0) is None
+                assert torch.equal(gemv.linear(x, w), F.linear(x, w))
+        gemv.reset()
