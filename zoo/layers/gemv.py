@@ -1447,6 +1447,15 @@ def _packed_rows(n: int, name: str = "xp") -> torch.Tensor:
     return buf
 
 
+def _prompt_rows(x: torch.Tensor, m: int, k: int) -> tuple[torch.Tensor, int]:
+    """``x`` as [m, k] rows with unit stride inside a row, and the rows of packed scratch one call of a prompt
+    product needs (its row blocks are ``_PREFILL_ROWS`` long, rounded up to whole 32-row tiles)."""
+    x2 = x.reshape(m, k)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    return x2, (min(m, _PREFILL_ROWS) + 31) // 32 * 32
+
+
 def prefill_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                 residual: torch.Tensor | None = None) -> torch.Tensor | None:
     """The SwiGLU feed-forward ``(F.silu(x W1^T) * (x W3^T)) W2^T`` (plus ``residual``) of a many-row bf16 inference
@@ -1468,15 +1477,12 @@ def prefill_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                                  or not residual.is_contiguous()
                                  or (torch.is_grad_enabled() and residual.requires_grad)):
         return None
-    x2 = x.reshape(m, k)
-    if x2.stride(1) != 1 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
-    rows = min(m, _PREFILL_ROWS)
-    xp, hp = _packed_rows((rows + 31) // 32 * 32 * k), _packed_rows((rows + 31) // 32 * 32 * f, "hp")
+    x2, rows = _prompt_rows(x, m, k)
+    xp, hp = _packed_rows(rows * k), _packed_rows(rows * f, "hp")
     y = torch.empty(x.shape, dtype=torch.bfloat16)
     y2, r2 = y.view(m, k), None if residual is None else residual.view(m, k)
-    for r0 in range(0, m, rows):
-        mr = min(rows, m - r0)
+    for r0 in range(0, m, _PREFILL_ROWS):
+        mr = min(_PREFILL_ROWS, m - r0)
         rc = fn(x2[r0].data_ptr(), mr, k, x2.stride(0), w13.data_ptr(), f, w2.data_ptr(), y2[r0].data_ptr(),
                 None if r2 is None else r2[r0].data_ptr(), xp.data_ptr(), hp.data_ptr(), torch.get_num_threads())
         if rc != 0:
@@ -1512,15 +1518,12 @@ def prefill_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                                  or residual.shape != (*x.shape[:-1], n) or not residual.is_contiguous()
                                  or (torch.is_grad_enabled() and residual.requires_grad)):
         return None
-    x2 = x.reshape(m, k)
-    if x2.stride(1) != 1 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
-    rows = min(m, _PREFILL_ROWS)
-    xp = _packed_rows((rows + 31) // 32 * 32 * k)
+    x2, rows = _prompt_rows(x, m, k)
+    xp = _packed_rows(rows * k)
     y = torch.empty(*x.shape[:-1], out_n, dtype=torch.bfloat16)
     y2, r2 = y.view(m, out_n), None if residual is None else residual.view(m, n)
-    for r0 in range(0, m, rows):
-        mr = min(rows, m - r0)
+    for r0 in range(0, m, _PREFILL_ROWS):
+        mr = min(_PREFILL_ROWS, m - r0)
         rc = fn(x2[r0].data_ptr(), mr, k, x2.stride(0), weight.data_ptr(), n, None if bias is None else bias.data_ptr(),
                 y2[r0].data_ptr(), out_n, 2 if silu_mul else int(residual is not None),
                 None if r2 is None else r2[r0].data_ptr(), n, xp.data_ptr(), torch.get_num_threads())
