@@ -8,9 +8,10 @@ from which MODEL_CARD.md's LFM2 speed tables are generated (`make model-card`).
     python benchmarks/bench_lfm2.py --rss                           # also the peak RSS of load + generate
 
 Definitions
-- decode tok/s (batch 1): median time of single-token steps (forward + argmax of the logits in fp32, as generate's
-  logits processing casts them) after a cache holding ``context`` tokens, each round starting from a copy of the same
-  prefilled cache.
+- decode tok/s (batch 1): median time of single-token steps (forward + the greedy pick of each side's ``generate``:
+  transformers casts the logits to fp32 and calls ``argmax``; the zoo's ``generate`` takes the same index in one
+  compiled pass over the logits, ``zoo.layers.gemv.argmax``) after a cache holding ``context`` tokens, each round
+  starting from a copy of the same prefilled cache.
 - bandwidth bound: bytes read per decoded token -- every weight once (the tied embedding in full, as the head; int8:
   int8 weights + scales) plus the KV cache at that context in the activation dtype -- divided by the read bandwidth,
   measured by 3 streaming sums over a buffer of exactly those bytes (at least 64 MiB; same threads) in every round
@@ -50,6 +51,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "lfm2_speed.json"
+
+from zoo.layers.gemv import argmax  # noqa: E402
 TINY = dict(vocab_size=512, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192,
             layer_types=["conv", "full_attention", "conv", "full_attention"], max_position_embeddings=4096)
 
@@ -130,13 +133,13 @@ class Ours:
     def prefill(self, ids, mask=None, room: int = 64):
         self.m.set_decode_path(self.path)
         cache = self.m.new_cache(ids.shape[1] + room)
-        tok = self.m(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float().argmax(-1)
+        tok = argmax(self.m(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1])
         return tok, cache
 
     @torch.inference_mode()
     def step(self, tok, cache):
         self.m.set_decode_path(self.path)
-        return self.m(tok[:, None], cache=cache)[:, -1].float().argmax(-1)
+        return argmax(self.m(tok[:, None], cache=cache)[:, -1])  # (what HybridLM.generate picks with)
 
 
 class HF:

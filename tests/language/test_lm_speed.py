@@ -132,6 +132,53 @@ def test_recorded_program_equals_the_step_path_and_follows_weight_and_dtype_chan
             tok = m(tok, cache=cache)[:, -1:].argmax(-1)
 
 
+def test_token_to_logits_program_matches_the_step_path_and_steps_aside(pair, counted):
+    """A batch-1 step of the causal LM is one program from token id to logits (embedding row and head included):
+    bitwise the step path's logits for bf16 and int8 (embedding lookup and tied head), float round-off for fp32,
+    also with an untied head; a replaced embedding or head records again; forward hooks on the modules it skips,
+    an out-of-range id or padding in the cache send the step through ``forward`` (same results, same errors)."""
+    from zoo.language.hybrid import quantize_int8_
+
+    fast, _ = pair
+    ids = torch.randint(1, 96, (1, 6), generator=torch.Generator().manual_seed(8))
+    untied = HybridLM(HybridConfig(**{**TINY, "tie_word_embeddings": False})).eval()
+    for m in (copy.deepcopy(fast), untied):
+        for dtype in ("fp32", "bf16", "int8"):
+            if dtype == "bf16":
+                m.to(torch.bfloat16)
+            elif dtype == "int8":
+                quantize_int8_(m)
+            before = counted["program"]
+            got = _step_logits(m.set_decode_path("fast"), ids, steps=5)
+            assert counted["program"] == before + 5 and m._zoo_program[1] is not None, dtype
+            assert m is not untied or "_zoo_program" not in m.model.__dict__  # (not the decoder's own program)
+            want = _step_logits(m.set_decode_path("step"), ids, steps=5)
+            if dtype == "fp32":
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(got, want), dtype
+    m = copy.deepcopy(fast).set_decode_path("fast")
+    want = _step_logits(m, ids, steps=3)
+    with torch.no_grad():  # the tied embedding replaced: both the lookup and the head follow
+        m.model.embed_tokens.weight = torch.nn.Parameter(m.model.embed_tokens.weight.flip(1))
+    changed = _step_logits(m, ids, steps=3)
+    assert not torch.allclose(changed, want)
+    torch.testing.assert_close(changed, _step_logits(m.set_decode_path("step"), ids, steps=3), rtol=1e-6, atol=1e-6)
+    m.set_decode_path("fast")
+    seen = []
+    handle = m.model.embed_tokens.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    counted.update(program=0)
+    torch.testing.assert_close(_step_logits(m, ids, steps=3), changed, rtol=1e-6, atol=1e-6)
+    assert len(seen) == 4 and counted["program"] == 3  # the hook ran every step; the decoder still ran its program
+    handle.remove()
+    cache = m.new_cache()
+    with torch.inference_mode():
+        m(ids, cache=cache)
+        with pytest.raises(IndexError):
+            m(torch.tensor([[TINY["vocab_size"]]]), cache=cache)  # nn.Embedding's error, as without the program
+    assert cache.seen == ids.shape[1]
+
+
 def test_packing_is_free_and_follows_weight_changes(pair):
     fast, _ = pair
     m = copy.deepcopy(fast)
@@ -237,7 +284,7 @@ def test_operators_plug_into_the_fast_path_with_step_or_fall_back_to_forward():
     ids = torch.randint(0, 32, (1, 4))
     got = m.generate(ids, max_new_tokens=6, eos_token_id=None)
     assert calls == {"step": 5, "forward": 1}  # prefill runs forward, every later token the operator's step
-    assert m.model._zoo_program[1] is None  # (ScaledMixer has no record_step: no program)
+    assert m._zoo_program[1] is None  # (ScaledMixer has no record_step: no program)
     assert "ab" in m.model.layers[1].mixer._zoo_packed
     assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=6,
                                                                                eos_token_id=None))
@@ -278,7 +325,7 @@ def test_nemotron_flash_style_operators_join_the_recorded_step():
                            extra={"ffn_size": 96, "mamba_d_state": 16, "mamba_headdim": 16, "mamba_ngroups": 2})
         m = HybridLM(cfg).eval()
         got = m.generate(ids, max_new_tokens=8, eos_token_id=None)
-        assert m.model._zoo_program[1] is not None, types
+        assert m._zoo_program[1] is not None, types
         assert torch.equal(got, copy.deepcopy(m).set_decode_path("eager").generate(ids, max_new_tokens=8,
                                                                                    eos_token_id=None))
         for dtype in (torch.float32, torch.bfloat16):

@@ -107,6 +107,7 @@ def test_fallback_without_a_compiler_or_when_switched_off(tmp_path, monkeypatch)
             assert torch.equal(gemv.linear(x, w), F.linear(x, w))
             assert torch.equal(gemv.int8_linear(x.bfloat16(), q, s),
                                torch.ops.aten._weight_int8pack_mm(x.bfloat16(), q, s))
+            assert torch.equal(gemv.argmax(w), w.argmax(-1))
         assert not list(tmp_path.iterdir())  # nothing half-built left behind
         monkeypatch.undo()
         monkeypatch.setenv("ZOO_DISABLE_INT8_GEMV", "1")
@@ -133,6 +134,29 @@ def test_rms_norm_kernel_matches_the_module_math(kernel):
             want = wb * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).bfloat16()
             assert torch.equal(gemv.rms_norm(xb, wb, 1e-5), want)  # same roundings, same bits
     assert gemv.rms_norm(torch.randn(1, 8, requires_grad=True), torch.ones(8), 1e-5) is None  # autograd: module ops
+
+
+def test_argmax_kernel_gives_torch_argmax_index_with_ties_nan_and_infinities(kernel):
+    """generate()'s greedy pick: the index torch.argmax gives (first of equal maxima, first NaN, all -inf -> 0) on
+    bf16 / fp32 rows of any length and row stride, without the fp32 copy."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (1, 5, 16, 17, 100, 65536):
+            for case in range(6):
+                x = torch.randn(4, n, generator=g)
+                if case == 1:
+                    x = torch.randint(-2, 2, (4, n), generator=g).float()  # many equal maxima
+                elif case == 2:
+                    x[1, torch.randint(0, n, (2,), generator=g)] = float("nan")
+                elif case == 3:
+                    x[2], x[0, -1] = float("-inf"), float("inf")
+                x = x.to(dtype)
+                assert torch.equal(gemv.argmax(x), x.argmax(-1)), (dtype, n, case)
+                view = torch.stack([x, x], 1)[:, 1]  # rows of a strided batch, e.g. logits[:, -1]
+                assert torch.equal(gemv.argmax(view), view.float().argmax(-1)), (dtype, n, case)
+    x = torch.randn(2, 3, 9)
+    assert torch.equal(gemv.argmax(x), x.argmax(-1))  # other shapes and dtypes: torch.argmax
+    assert torch.equal(gemv.argmax(x.half()[0]), x.half()[0].argmax(-1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -43,7 +43,10 @@ round-off (greedy fp32 generations equal the reference path token for token, tes
 * ``record_step(prog, x, out)`` (optional): the same step recorded as kernel calls into a
   :class:`zoo.layers.gemv.StepProgram`. When every operator of a stack has it, a batch-1 decode step without padding
   runs as one C call for the whole stack (no Python between the kernels: about a tenth of a 350M model's step on
-  this machine); otherwise the ``step`` path runs.
+  this machine); otherwise the ``step`` path runs. :class:`HybridLM` records the embedding row and the head too, so
+  its step goes from token id to logits in one call (:func:`run_lm_program`). A program runs no module's
+  ``forward``: forward hooks on the LM's embedding, decoder or head send the step through ``forward``; hooks inside
+  the layers run on the ``"step"`` / ``"eager"`` paths only.
 * ``adds_residual = True`` (class attribute): ``forward(x, ctx, residual=None)`` returns ``residual + output`` itself
   (:func:`out_projection`), so a bf16 prompt adds the layer's residual inside its output product (AMX epilogue).
 
@@ -72,6 +75,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 from torch.utils.checkpoint import checkpoint
 
 __all__ = [
@@ -503,6 +507,7 @@ class ForwardContext:
     segments: torch.Tensor | None = None  # [B, T] packed-sequence ids (no cache); None = one sequence per row
     attentions: list | None = None  # a list to collect attention probabilities into (output_attentions)
     decode_step: bool = False  # one new token per row, cached, no autograd: operators' ``step`` runs (module doc)
+    step_position: int | None = None  # a recorded program's step: the RoPE position of its one token
     _memo: dict = field(default_factory=dict)
 
     def rope(self, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -727,30 +732,76 @@ def record_norm(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tensor,
     prog.norm(x, norm.weight.detach(), out, norm.eps)
 
 
-def _record_stack(module: nn.Module, dtype: torch.dtype) -> StepProgram:
-    module.__dict__.pop("_zoo_program", None)  # (a failed recording must not leave the stale program)
-    prog = _record_stack_once(module, dtype)
+def record_embedding(prog: StepProgram, decoder: nn.Module, out: torch.Tensor) -> None:
+    """Record ``out = decoder.embed_tokens(token)`` for the token id the caller puts in ``prog.words[prog.token_word]``
+    (a plain ``nn.Embedding`` or :class:`Int8Embedding`); ``prog.vocab``: the number of rows."""
+    emb = decoder.embed_tokens
+    prog.watch(decoder, "embed_tokens")
+    if type(emb) is nn.Embedding and emb.max_norm is None:
+        prog.watch(emb, "weight")
+        table, scale = emb.weight.detach(), None
+    elif type(emb) is Int8Embedding and emb.dtype is prog.dtype:
+        prog.watch(emb, "qweight", "scale")
+        table, scale = emb.qweight, _scale_in(emb, emb.scale, prog.dtype)
+    else:
+        raise NotProgrammable(f"{type(emb).__name__} embedding")
+    prog.token_word, prog.vocab = prog.dynamic(1), table.shape[0]
+    prog.embed(table, scale, out, prog.token_word)
+
+
+def record_head(prog: StepProgram, lm: nn.Module, h: torch.Tensor) -> None:
+    """Record ``lm.forward_head(h)`` (its own ``lm_head`` or the tied embedding, as forward_head) into the logits
+    tensor whose address the caller puts in ``prog.words[prog.logits_word]`` (a fresh one per step: no copy)."""
+    prog.watch(lm, "lm_head")
+    size = torch.empty(lm.config.vocab_size, device="meta")  # (only its size: the output is the caller's tensor)
+    prog.logits_word, prog.vocab_out = prog.dynamic(1), size.numel()
+    head = lm.lm_head
+    if head is not None:
+        prog.watch(head, *(("qweight", "scale", "bias") if type(head) is Int8Linear else ("weight", "bias")))
+        if type(head) is Int8Linear and head.bias is None:
+            prog.linear(h, head.qweight, size, scale=_scale_in(head, head.scale, prog.dtype), out_word=prog.logits_word)
+        elif isinstance(head, nn.Linear) and head.bias is None:
+            prog.linear(h, head.weight.detach(), size, out_word=prog.logits_word)
+        else:
+            raise NotProgrammable(f"a {type(head).__name__} head")
+        return
+    emb = lm.model.embed_tokens  # (watched by record_embedding)
+    if type(emb) is Int8Embedding:
+        prog.linear(h, emb.qweight, size, scale=_scale_in(emb, emb.scale, prog.dtype), out_word=prog.logits_word)
+    else:
+        prog.linear(h, emb.weight.detach(), size, out_word=prog.logits_word)
+
+
+def _record_stack(module: nn.Module, dtype: torch.dtype, lm: nn.Module | None = None) -> StepProgram:
+    (lm if lm is not None else module).__dict__.pop("_zoo_program", None)  # (a failed recording leaves no stale one)
+    prog = _record_stack_once(module, dtype, lm)
     storages = {getattr(o, n).untyped_storage().data_ptr() for o, n in prog.weight_slots}
     if len(storages) > 1:  # first recording (or weights replaced since): lay the matrices out in reading order
         del prog
-        _gemv.move_to_arena(_record_stack_once(module, dtype).weight_slots)
+        _gemv.move_to_arena(_record_stack_once(module, dtype, lm).weight_slots)
         for m in module.modules():  # packed projections now live in the arena: keep them (no repacking)
             for name, pk in m.__dict__.get("_zoo_packed", {}).items():
                 pk.ptrs = pk._ptrs([getattr(m, c) for c in m.packed_projections[name]])
-        prog = _record_stack_once(module, dtype)
+        prog = _record_stack_once(module, dtype, lm)
     prog.weight_slots.clear()  # (module references: a kept program must not keep replaced layers alive)
     return prog
 
 
-def _record_stack_once(module: nn.Module, dtype: torch.dtype) -> StepProgram:
+def _record_stack_once(module: nn.Module, dtype: torch.dtype, lm: nn.Module | None = None) -> StepProgram:
+    """The decode step of ``module``'s layer stack and final norm (``prog.x`` in, ``prog.y`` out); with ``lm`` (the
+    causal LM around it) from a token id to ``prog.logits``: its embedding row first, the head last."""
     prog = StepProgram(dtype)
     d = module.config.hidden_size
     prog.x, prog.y = prog.buffer(d), prog.buffer(d)
+    if lm is not None:
+        record_embedding(prog, module, prog.x)
     prog.watch(module, "layers", "embedding_norm")
     for i, layer in enumerate(module.layers):
         prog.watch(module.layers, str(i))
         layer.record_step(prog, prog.x)
     record_norm(prog, module, "embedding_norm", prog.x, prog.y)
+    if lm is not None:
+        record_head(prog, lm, prog.y)
     return prog.finish()
 
 
@@ -770,11 +821,72 @@ def run_program(module: nn.Module, x: torch.Tensor, ctx: ForwardContext) -> torc
     if prog is None:
         return None
     prog.x.copy_(x.reshape(-1))
+    ctx.step_position = int(ctx.positions[0, -1])
     try:
-        prog.run(ctx.past, int(ctx.positions[0, -1]), ctx)
+        prog.run(ctx.past, ctx.step_position, ctx)
     except NotProgrammable:
         return None
     return prog.y.clone().view(1, 1, -1)
+
+
+_TOKEN_DTYPES = (torch.long, torch.int, torch.int16, torch.uint8)
+
+
+def _hooked(*modules: nn.Module | None) -> bool:
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks) or any(
+        m is not None and (m._forward_hooks or m._forward_pre_hooks) for m in modules)
+
+
+def _lm_program(lm: nn.Module, entry: tuple | None) -> StepProgram | None:
+    """``lm``'s program, recorded again (none kept, or the kept one is no longer valid), or None where it cannot be
+    recorded (not again until the embedding changes)."""
+    emb = lm.model.embed_tokens
+    table = getattr(emb, "weight", None) if type(emb) is nn.Embedding else getattr(emb, "qweight", None)
+    key = (id(emb), None if table is None else (table.data_ptr(), table.dtype, getattr(emb, "dtype", None)))
+    if entry is not None and entry[1] is None and entry[0] == key:
+        return None
+    try:
+        if type(lm).forward_features is not HybridLM.forward_features or \
+                type(lm).forward_head is not HybridLM.forward_head:
+            raise NotProgrammable("a subclass's own embedding or head")  # (its decoder still runs a program)
+        dt = emb.dtype if type(emb) is Int8Embedding else table.dtype if table is not None else None
+        prog = _record_stack(lm.model, dt, lm) if dt is not None else None
+    except NotProgrammable:
+        prog = None
+    lm.__dict__["_zoo_program"] = (key, prog)
+    return prog
+
+
+def run_lm_program(lm: nn.Module, input_ids: torch.Tensor, cache: Any) -> torch.Tensor | None:
+    """Logits ``[1, 1, vocab]`` of one new token through ``lm``'s recorded program (embedding row, layer stack, head:
+    one C call), or None where :meth:`HybridLM.forward`'s general path must run: another shape or batch, padding
+    in the cache, autograd, a non-fast decode path, forward hooks on the modules this skips, an out-of-range id (the
+    general path raises), anything not recordable. Same kernels as the general path's program: the same logits.
+    (Every Python step between two programs runs on caches the weights just streamed through: kept short.)"""
+    dec = lm.model
+    if (input_ids.shape != (1, 1) or input_ids.dtype not in _TOKEN_DTYPES or not isinstance(cache, _HybridCacheState)
+            or cache.seen == 0 or cache.key_mask is not None or cache.next_position is not None or cache.record_past
+            or torch.is_grad_enabled() or dec.decode_path != "fast"
+            or cache.seen >= lm.config.max_position_embeddings or _hooked(dec, dec.embed_tokens, lm.lm_head)):
+        return None
+    entry = lm.__dict__.get("_zoo_program")
+    prog = None if entry is None else entry[1]
+    if prog is None or not prog.valid():
+        prog = _lm_program(lm, entry)
+        if prog is None:
+            return None
+    token = int(input_ids)
+    if not 0 <= token < prog.vocab:
+        return None
+    past, logits = cache.seen, torch.empty(1, 1, prog.vocab_out, dtype=prog.dtype)
+    words = prog.words
+    words[prog.token_word], words[prog.logits_word] = token, logits.data_ptr()
+    try:
+        prog.run(past, past, ForwardContext(None, None, None, past, cache, decode_step=True, step_position=past))
+    except NotProgrammable:
+        return None
+    cache.seen = past + 1
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -1036,7 +1148,7 @@ class GQAttention(nn.Module):
             table: dict = {}
 
             def rows(ctx: ForwardContext, theta: float = self.rope_theta) -> tuple[int, int]:
-                pos = int(ctx.positions[0, -1])
+                pos = ctx.step_position
                 block = pos >> 8
                 if table.get("block") != block:
                     cos, sin = rope_cos_sin(torch.arange(block << 8, (block + 1) << 8)[None], hd, theta, dt)
@@ -1412,6 +1524,10 @@ class HybridLM(nn.Module):
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, T, vocab]`` (only the last ``logits_to_keep`` positions when > 0)."""
+        if cache is not None and attention_mask is None and position_ids is None and inputs_embeds is None:
+            logits = run_lm_program(self, input_ids, cache)  # a batch-1 decode step: one C call, token to logits
+            if logits is not None:
+                return logits
         h = self.forward_features(input_ids, attention_mask, cache, position_ids, inputs_embeds)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
@@ -1467,7 +1583,7 @@ class HybridLM(nn.Module):
         out = [input_ids]
         done = torch.zeros(bsz, dtype=torch.bool, device=input_ids.device)
         for i in range(max_new_tokens):
-            nxt = self._next_token(logits[:, -1].float(), do_sample, temperature, top_k, top_p, generator)
+            nxt = self._next_token(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt[:, None])
             if streamer is not None:
@@ -1484,8 +1600,10 @@ class HybridLM(nn.Module):
 
     @staticmethod
     def _next_token(logits, do_sample, temperature, top_k, top_p, generator) -> torch.Tensor:
+        """The next token of every row from its last logits ``[B, vocab]`` (any float dtype)."""
         if not do_sample:
-            return logits.argmax(-1)
+            return _gemv.argmax(logits)  # (one compiled pass over bf16 / fp32 logits; the index torch.argmax gives)
+        logits = logits.float()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
         logits = logits / temperature

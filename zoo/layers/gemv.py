@@ -504,6 +504,34 @@ void zoo_rope(const void *x, const void *cos, const void *sin, void *out, int bf
 #undef RND
 }
 
+/* Per row of `rows` (row stride `rs` bytes), the index of the largest of n fp32 / bf16 values as torch.argmax takes
+   it: the first of equal maxima, the first NaN when there is one (NaN counts as the largest). Lanes keep their own
+   first maximum; the lowest index among the lanes holding the overall maximum wins. */
+void zoo_argmax(const void *x, int bf, int64_t rows, int64_t n, int64_t rs, int64_t *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)x + r * rs;
+        __m512 best = _mm512_set1_ps(-INFINITY);
+        __m512i at = _mm512_set1_epi32(-1), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        int64_t found = -1;
+        for (int64_t j = 0; j < n && found < 0; j += 16) {
+            __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            __m512 v = bf ? ldm_bf16(m, (const uint16_t *)row + j) : ldm_f32(m, (const float *)row + j);
+            __mmask16 nan = _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+            if (nan) found = j + __builtin_ctz(nan);
+            __mmask16 up = _mm512_mask_cmp_ps_mask(m, v, best, _CMP_GT_OQ);
+            best = _mm512_mask_mov_ps(best, up, v);
+            at = _mm512_mask_mov_epi32(at, up, idx);
+            idx = _mm512_add_epi32(idx, _mm512_set1_epi32(16));
+        }
+        if (found < 0) {
+            __mmask16 hold = _mm512_cmp_ps_mask(best, _mm512_set1_ps(_mm512_reduce_max_ps(best)), _CMP_EQ_OQ) &
+                             _mm512_cmp_epi32_mask(at, _mm512_set1_epi32(-1), _MM_CMPINT_NE);
+            found = hold ? (int64_t)_mm512_mask_reduce_min_epi32(hold, at) : 0; /* (all -inf: the first) */
+        }
+        out[r] = found;
+    }
+}
+
 /* ---- a persistent pool: workers spin ~0.2 ms for the next call (decode issues them back to back), then sleep; short spins
    because a PAUSE costs ~90 ns on Zen 4 and a spinning thread on a shared machine takes the core its peer needs */
 #define MAXT 64
@@ -980,7 +1008,8 @@ int zoo_attn_prefill(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
    16 int64 words (opcode, operands); dyn[] holds what changes per step: dyn[0] the cache length before this token
    (= its KV slot), dyn[1] its RoPE position, then per-layer words (KV buffer / conv state addresses and strides)
    referenced by index. Elementwise results round where the PyTorch ops they replace round. */
-enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN, OP_DELTANET, OP_MAMBA2 };
+enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN, OP_DELTANET, OP_MAMBA2,
+       OP_EMBED };
 #define P(i) ((void *)(intptr_t)op[i])
 static inline float rdv(const void *p, int64_t i, int bf) { return bf ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
 static inline void wrv(void *p, int64_t i, float v, int bf) { if (bf) ((uint16_t *)p)[i] = to_bf16(v); else ((float *)p)[i] = v; }
@@ -1099,8 +1128,9 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
         case OP_NORM: /* x, w, y, bf, m, k, eps */
             zoo_rmsnorm(P(1), P(2), P(3), (int)op[4], op[5], op[6], f32_of(op[7]));
             break;
-        case OP_GEMV: /* wkind, w, x, xbf, s, sbf, y, ybf, n, k */
-            zoo_gemv((int)op[1], P(2), P(3), (int)op[4], P(5), (int)op[6], P(7), (int)op[8], op[9], op[10], threads);
+        case OP_GEMV: /* wkind, w, x, xbf, s, sbf, y, ybf, n, k, y_dyn (1: y is the address in dyn[op[7]]) */
+            zoo_gemv((int)op[1], P(2), P(3), (int)op[4], P(5), (int)op[6], op[11] ? (void *)(intptr_t)dyn[op[7]] : P(7),
+                     (int)op[8], op[9], op[10], threads);
             break;
         case OP_ADD: { /* a, b, out, n, bf: out = a + b (out may be a) */
             int bf = (int)op[5];
@@ -1155,6 +1185,19 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
             const void *prm[3] = {P(5), P(6), P(7)};
             mamba2_step(P(1), (void *)(intptr_t)dyn[op[2]], (float *)(intptr_t)dyn[op[2] + 1], P(3), P(4), prm,
                         (int)op[8], P(9), P(10), (int)op[11], (const int64_t *)P(12));
+            break;
+        }
+        case OP_EMBED: { /* table, scale (int8 rows), kind (0 fp32, 1 bf16, 2 int8), out, bf, d, dyn index of the
+                            token: its row, int8 dequantized like ``q.to(dtype) * scale.to(dtype)`` */
+            int64_t d = op[6], row = dyn[op[7]], kind = op[3];
+            int bf = (int)op[5];
+            if (kind < 2) {
+                memcpy(P(4), (const char *)P(1) + row * d * (kind ? 2 : 4), d * (kind ? 2 : 4));
+            } else {
+                const int8_t *q = (const int8_t *)P(1) + row * d;
+                float s = rdv(P(2), row, bf);
+                for (int64_t j = 0; j < d; j++) wrv(P(4), j, (float)q[j] * s, bf);
+            }
             break;
         }
         case OP_ATTN: /* q, o, dyn index (k base, v base, head stride), bf, heads, kv heads, hd, scale */
@@ -1340,6 +1383,10 @@ def _load():
         norm.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_float]
         norm.restype = None
         _state["norm"] = norm
+        am = lib.zoo_argmax
+        am.argtypes = [c.c_void_p, c.c_int, c.c_int64, c.c_int64, c.c_int64, c.c_void_p]
+        am.restype = None
+        _state["argmax"] = am
         att = lib.zoo_attn_decode
         att.argtypes = [c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_void_p, c.c_int, *[c.c_int64] * 7,
                         c.c_float, c.c_int]
@@ -1550,6 +1597,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return y
 
 
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """``logits.argmax(-1)`` of a [B, V] fp32 / bf16 inference tensor in one single-threaded pass per row, without
+    the fp32 copy and PyTorch's two parallel regions (on 2 cores each wakes a sleeping OpenMP worker: 0.3-0.6 ms per
+    decoded token); the same index (first of equal maxima, NaN first). Other inputs: ``torch.argmax``."""
+    fn = _state.get("argmax") if "fn" in _state else (_load() and _state.get("argmax"))
+    if (fn is None or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16)
+            or logits.device.type != "cpu" or logits.stride(-1) != 1 or logits.shape[-1] == 0
+            or logits.shape[-1] >= 1 << 31 or (torch.is_grad_enabled() and logits.requires_grad)):
+        return logits.argmax(-1)
+    out = torch.empty(logits.shape[0], dtype=torch.long)
+    fn(logits.data_ptr(), int(logits.dtype is torch.bfloat16), out.shape[0], logits.shape[1],
+       logits.stride(0) * logits.element_size(), out.data_ptr())
+    return out
+
+
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
                 scale: float) -> torch.Tensor | None:
     """Grouped-query attention of ONE query per row: ``q`` [B, H, 1, hd], ``k`` / ``v`` [B, KVH, S, hd] (views of a
@@ -1706,7 +1768,7 @@ class NotProgrammable(Exception):
 
 
 _OPS = {"norm": 1, "gemv": 2, "add": 3, "silu_mul": 4, "conv": 5, "rope": 6, "kv_store": 7, "attn": 8, "deltanet": 9,
-        "mamba2": 10}
+        "mamba2": 10, "embed": 11}
 
 
 def _bits(v: float) -> int:
@@ -1785,13 +1847,15 @@ class StepProgram:
     def _emit(self, name: str, *words: int) -> None:
         self.ops.append([_OPS[name], *[int(w) for w in words]] + [0] * (15 - len(words)))
 
-    def dynamic(self, n: int, fill) -> int:
+    def dynamic(self, n: int, fill=None) -> int:
         """Reserve ``n`` per-step words filled by ``fill(state) -> sequence of n ints`` before every run (``state``:
         what the caller passes to :meth:`run`; a fill may raise :class:`NotProgrammable` to refuse this step, so
-        fills must not change anything the caller's fallback would see; changes go in :meth:`on_done`)."""
+        fills must not change anything the caller's fallback would see; changes go in :meth:`on_done`). Without
+        ``fill`` the caller sets ``words[first + i]`` itself before :meth:`run`."""
         first = self.ndyn
         self.ndyn += n
-        self.fillers.append((first, n, fill))
+        if fill is not None:
+            self.fillers.append((first, n, fill))
         return first
 
     def on_done(self, fn) -> None:
@@ -1806,9 +1870,10 @@ class StepProgram:
                    _bits(eps))
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, scale: torch.Tensor | None = None,
-               bias: torch.Tensor | None = None) -> None:
+               bias: torch.Tensor | None = None, out_word: int | None = None) -> None:
         """out = x @ weight.T (+ bias); int8 ``weight`` with per-row ``scale`` (in the activation dtype). The caller
-        owns ``weight`` and watches it (not held here)."""
+        owns ``weight`` and watches it (not held here). With ``out_word`` the result goes to the address the caller
+        puts in ``words[out_word]`` before each run (``out`` only gives its size; no bias then)."""
         kind = _KIND.get(weight.dtype)
         if kind is None or kind in _state["off"] or (kind < 2 and weight.dtype is not self.dtype) or weight.dim() != 2:
             raise NotProgrammable(f"a {weight.dtype} weight")
@@ -1817,12 +1882,25 @@ class StepProgram:
         n, k = weight.shape
         if x.numel() != k or out.numel() != n:
             raise NotProgrammable("linear shapes")
+        if out_word is not None and bias is not None:
+            raise NotProgrammable("a bias on a product into a caller's buffer")
         if weight.numel() * weight.element_size() >= 2 << 20:
             use_hugepages(weight)
         self._emit("gemv", kind, self._ptr(weight, hold=False), self._ptr(x), self.bf, self._ptr(scale), self.bf,
-                   self._ptr(out), self.bf, n, k)
+                   self._ptr(out) if out_word is None else out_word, self.bf, n, k, int(out_word is not None))
         if bias is not None:
             self.add(out, bias.to(self.dtype), out)
+
+    def embed(self, table: torch.Tensor, scale: torch.Tensor | None, out: torch.Tensor, token_word: int) -> None:
+        """``out`` = row ``dyn[token_word]`` of ``table`` (fp32 / bf16 in the activation dtype, or int8 rows times
+        their ``scale`` in the activation dtype, rounded once). The caller checks the token id and watches the table."""
+        kind = _KIND.get(table.dtype)
+        if kind is None or (kind < 2 and table.dtype is not self.dtype) or table.dim() != 2 \
+                or (kind == 2) != (scale is not None) or (scale is not None and scale.dtype is not self.dtype) \
+                or table.shape[1] != out.numel():
+            raise NotProgrammable(f"a {table.dtype} embedding table")
+        self._emit("embed", self._ptr(table, hold=False), self._ptr(scale), kind, self._ptr(out), self.bf,
+                   out.numel(), token_word)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
         self._emit("add", self._ptr(a), self._ptr(b), self._ptr(out), out.numel(), self.bf)
@@ -1880,7 +1958,7 @@ class StepProgram:
 
         flat = [w for op in self.ops for w in op]
         self._prog = (ctypes.c_int64 * len(flat))(*flat)
-        self._dyn = (ctypes.c_int64 * self.ndyn)()
+        self.words = (ctypes.c_int64 * self.ndyn)()
         return self
 
     # --------------------------------------------------------------- running
@@ -1901,7 +1979,7 @@ class StepProgram:
     def run(self, slot: int, position: int, state: Any) -> None:
         """One step: ``slot`` (the KV position written, ``dyn[0]``), ``position`` (RoPE, ``dyn[1]``), ``state`` for
         the fills. Raises :class:`NotProgrammable` (before anything ran) when a fill refuses the step."""
-        dyn = self._dyn
+        dyn = self.words
         dyn[0], dyn[1] = slot, position
         for first, n, fill in self.fillers:
             vals = fill(state)
