@@ -157,6 +157,13 @@ def test_token_to_logits_program_matches_the_step_path_and_steps_aside(pair, cou
                 torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
             else:
                 assert torch.equal(got, want), dtype
+    from zoo.layers.gemv import _OPS
+
+    prog = m._zoo_program[1]  # its last op brings back into the caches what valid() reads first next step
+    lines = set(prog.warm_lines.tolist())
+    assert prog.ops[-1][0] == _OPS["warm"] and prog.ops[-1][2] == len(lines)
+    for t in (m.model.embed_tokens.weight, m.lm_head.qweight, m.model.layers[1].feed_forward.w2.qweight):
+        assert id(t) & ~63 in lines and t._cdata & ~63 in lines
     m = copy.deepcopy(fast).set_decode_path("fast")
     want = _step_logits(m, ids, steps=3)
     with torch.no_grad():  # the tied embedding replaced: both the lookup and the head follow

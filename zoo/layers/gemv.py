@@ -1009,7 +1009,7 @@ int zoo_attn_prefill(const uint16_t *q, const uint16_t *k, const uint16_t *v, ui
    (= its KV slot), dyn[1] its RoPE position, then per-layer words (KV buffer / conv state addresses and strides)
    referenced by index. Elementwise results round where the PyTorch ops they replace round. */
 enum { OP_NORM = 1, OP_GEMV, OP_ADD, OP_SILU_MUL, OP_CONV, OP_ROPE, OP_KV_STORE, OP_ATTN, OP_DELTANET, OP_MAMBA2,
-       OP_EMBED };
+       OP_EMBED, OP_WARM };
 #define P(i) ((void *)(intptr_t)op[i])
 static inline float rdv(const void *p, int64_t i, int bf) { return bf ? from_bf16(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
 static inline void wrv(void *p, int64_t i, float v, int bf) { if (bf) ((uint16_t *)p)[i] = to_bf16(v); else ((float *)p)[i] = v; }
@@ -1200,6 +1200,9 @@ void zoo_run(const int64_t *prog, int64_t nops, const int64_t *dyn, int threads)
             }
             break;
         }
+        case OP_WARM: /* addresses (int64), count: bring these lines back into the caches (prefetch never faults) */
+            for (int64_t j = 0; j < op[2]; j++) _mm_prefetch((const char *)(intptr_t)((const int64_t *)P(1))[j], _MM_HINT_T0);
+            break;
         case OP_ATTN: /* q, o, dyn index (k base, v base, head stride), bf, heads, kv heads, hd, scale */
             zoo_attn_decode(P(1), (void *)(intptr_t)dyn[op[3]], (void *)(intptr_t)dyn[op[3] + 1], P(2), 0, (int)op[4], 1,
                             op[5], op[6], dyn[0] + 1, op[7], 0, dyn[op[3] + 2], f32_of(op[8]), threads);
@@ -1598,18 +1601,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
-    """``logits.argmax(-1)`` of a [B, V] fp32 / bf16 inference tensor in one single-threaded pass per row, without
-    the fp32 copy and PyTorch's two parallel regions (on 2 cores each wakes a sleeping OpenMP worker: 0.3-0.6 ms per
-    decoded token); the same index (first of equal maxima, NaN first). Other inputs: ``torch.argmax``."""
+    """``logits.argmax(-1)`` of a [B, V] fp32 / bf16 CPU tensor in one single-threaded pass per row, without the fp32
+    copy and PyTorch's two parallel regions (on 2 cores each wakes a sleeping OpenMP worker: 0.3-0.6 ms per decoded
+    token); the same index (first of equal maxima, NaN first). Other inputs: ``torch.argmax``."""
     fn = _state.get("argmax") if "fn" in _state else (_load() and _state.get("argmax"))
-    if (fn is None or logits.dim() != 2 or logits.dtype not in (torch.float32, torch.bfloat16)
-            or logits.device.type != "cpu" or logits.stride(-1) != 1 or logits.shape[-1] == 0
-            or logits.shape[-1] >= 1 << 31 or (torch.is_grad_enabled() and logits.requires_grad)):
-        return logits.argmax(-1)
-    out = torch.empty(logits.shape[0], dtype=torch.long)
-    fn(logits.data_ptr(), int(logits.dtype is torch.bfloat16), out.shape[0], logits.shape[1],
-       logits.stride(0) * logits.element_size(), out.data_ptr())
-    return out
+    if fn is not None and logits.dtype in _ARGMAX_DTYPES and logits.ndim == 2 and logits.is_cpu:
+        (rows, n), (rs, cs) = logits.shape, logits.stride()
+        if cs == 1 and 0 < n < 1 << 31:
+            out = torch.empty(rows, dtype=torch.long)
+            fn(logits.data_ptr(), logits.dtype is torch.bfloat16, rows, n, rs * logits.element_size(), out.data_ptr())
+            return out
+    return logits.argmax(-1)
+
+
+_ARGMAX_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def attn_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
@@ -1768,7 +1773,7 @@ class NotProgrammable(Exception):
 
 
 _OPS = {"norm": 1, "gemv": 2, "add": 3, "silu_mul": 4, "conv": 5, "rope": 6, "kv_store": 7, "attn": 8, "deltanet": 9,
-        "mamba2": 10, "embed": 11}
+        "mamba2": 10, "embed": 11, "warm": 12}
 
 
 def _bits(v: float) -> int:
@@ -1953,9 +1958,41 @@ class StepProgram:
                    self._ptr(dt_bias), self._ptr(a_log), self._ptr(d_skip), int(dt_bias.dtype is torch.bfloat16),
                    self._ptr(norm_weight), self._ptr(out), self.bf, self._ptr(words))
 
+    def _warm_addresses(self) -> list[int]:
+        """The memory :meth:`valid` reads, line by line: the watch tuples, holder dicts, names, weak references,
+        watched tensors and, behind each tensor, its TensorImpl (``_cdata``) and StorageImpl. (CPython's ``id`` is
+        the object's address. A stale address costs one useless prefetch: prefetches never fault.)"""
+        lines: set[int] = set()
+
+        def span(addr: int, nbytes: int) -> None:
+            lines.update(range(addr & ~63, addr + nbytes, 64))
+
+        span(id(self.watches), 32 + 8 * len(self.watches))
+        span(id(self.tensor_watches), 32 + 8 * len(self.tensor_watches))
+        for entry in self.watches:
+            for o in (*entry, entry):
+                span(id(o), 64)
+        for entry in self.tensor_watches:
+            holder, name, _ = entry
+            t = holder.get(name)
+            for o in (holder, name, entry, t):
+                span(id(o), 64)
+            impl = getattr(t, "_cdata", None) if isinstance(t, torch.Tensor) else None
+            if isinstance(impl, int):  # (a PyTorch internal: left out if it ever goes)
+                span(impl, 256)
+                storage = getattr(t.untyped_storage(), "_cdata", None)
+                if isinstance(storage, int):
+                    span(storage, 128)
+        return sorted(lines)
+
     def finish(self) -> "StepProgram":
         import ctypes
 
+        self.watches, self.tensor_watches = tuple(self.watches), tuple(self.tensor_watches)  # (items inline)
+        warm = self._warm_addresses()
+        self.warm_lines = torch.tensor(warm, dtype=torch.int64)
+        if warm:  # last: the weights have just streamed through every cache, and valid() runs first next step
+            self._emit("warm", self._ptr(self.warm_lines), len(warm))
         flat = [w for op in self.ops for w in op]
         self._prog = (ctypes.c_int64 * len(flat))(*flat)
         self.words = (ctypes.c_int64 * self.ndyn)()
