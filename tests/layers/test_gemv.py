@@ -180,19 +180,26 @@ def test_decode_attention_kernel_matches_sdpa_with_grouped_heads_padding_and_a_c
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv_step_kernel_matches_the_module_ops_and_shifts_the_state(kernel, dtype):
     g = torch.Generator().manual_seed(0)
-    b, d, L = 3, 40, 3
-    bcx = torch.randn(b, 1, 3 * d, generator=g).to(dtype)
-    state = torch.randn(b, L - 1, d, generator=g).to(dtype)
-    w, bias = torch.randn(d, 1, L, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
-    keep = torch.tensor([[True], [False], [True]])
-    bb, c, x = bcx.chunk(3, -1)
-    y = (bb * x) * keep[..., None].to(dtype)  # what ShortConv.forward does for one token
-    window = torch.cat([state, y], 1)
-    want = c * ((window * w[:, 0, :].t()).sum(1, keepdim=True) + bias)
-    st = state.clone()
-    with torch.inference_mode():
-        got = gemv.conv_step(bcx, st, w, bias, keep)
-    assert torch.equal(got, want) and torch.equal(st, window[:, 1:])
+    b = 3
+    for d, L, with_bias in ((40, 3, True), (1024, 3, False), (16, 2, True), (7, 4, True), (33, 5, True)):  # 5: scalar
+        bcx = torch.randn(b, 1, 3 * d, generator=g).to(dtype)
+        state = torch.randn(b, L - 1, d, generator=g).to(dtype)
+        w = torch.randn(d, 1, L, generator=g).to(dtype)
+        bias = torch.randn(d, generator=g).to(dtype) if with_bias else None
+        keep = torch.tensor([[True], [False], [True]])
+        bb, c, x = bcx.chunk(3, -1)
+        y = (bb * x) * keep[..., None].to(dtype)  # what ShortConv.forward does for one token
+        window = torch.cat([state, y], 1)
+        z = (window * w[:, 0, :].t()).sum(1, keepdim=True)
+        want = c * (z + bias if with_bias else z)
+        st = state.clone()
+        with torch.inference_mode():
+            got = gemv.conv_step(bcx, st, w, bias, keep)
+        assert torch.equal(st, window[:, 1:]), (d, L)
+        if L > 4 and dtype is torch.float32:  # (the scalar loop past 4 taps sums in order; PyTorch may pair terms)
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        else:
+            assert torch.equal(got, want), (d, L)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

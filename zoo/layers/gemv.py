@@ -400,8 +400,63 @@ static void attn_rows(const void *arg, int64_t r0, int64_t r1) {
    conv inputs (updated in place), w [d, L] depthwise taps, bias [d] or NULL, keep [B] (0 = padding) or NULL;
    out [B, d] = c * (sum_j window_j * w_j + bias) with window = (st, b * x). Every product and sum is rounded to the
    dtype where PyTorch's ops round it (bf16: each elementwise result; the tap sum accumulated in fp32). */
+static inline __m512 ldv(__mmask16 m, const void *p, int64_t i, int bf) {
+    return bf ? ldm_bf16(m, (const uint16_t *)p + i) : ldm_f32(m, (const float *)p + i);
+}
+static inline void stv(__mmask16 m, void *p, int64_t i, __m512 v, int bf) { /* bf16: rounded like to_bf16 */
+    if (bf) _mm256_mask_storeu_epi16((uint16_t *)p + i, m, bf16_round(v)); else _mm512_mask_storeu_ps((float *)p + i, m, v);
+}
+static inline __m512 rnd(__m512 v, int bf) { return bf ? bf16_trunc(v) : v; }
+
+/* 16 channels (mask m: the first n of them) of LFM2's gated short conv step, as the scalar loop below computes them:
+   the L <= 4 taps of these channels (rows of L in w) are gathered from two masked loads (bf16) or a gather (fp32). */
+static void conv_step16(const void *bcx, void *st, const void *w, const void *bias, int zero, void *out, int bf,
+                        int64_t b, int64_t d, int64_t L, int64_t ch, __mmask16 m, int n) {
+    __m512 tap[4];
+    if (bf) {
+        int cnt = n * (int)L;
+        __mmask32 ma = cnt >= 32 ? 0xffffffffu : (1u << cnt) - 1, mb = cnt <= 32 ? 0 : cnt >= 64 ? 0xffffffffu : (1u << (cnt - 32)) - 1;
+        __m512i lo = _mm512_maskz_loadu_epi16(ma, (const uint16_t *)w + ch * L);
+        __m512i hi = _mm512_maskz_loadu_epi16(mb, (const uint16_t *)w + ch * L + 32);
+        for (int64_t j = 0; j < L; j++) {
+            uint16_t at[32] = {0};
+            for (int k = 0; k < 16; k++) at[k] = (uint16_t)(j + L * k);
+            __m512i r = _mm512_permutex2var_epi16(lo, _mm512_loadu_si512(at), hi);
+            tap[j] = bf16_to_f32(_mm512_castsi512_si256(r));
+        }
+    } else {
+        __m512i k16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                         _mm512_set1_epi32((int)L));
+        for (int64_t j = 0; j < L; j++)
+            tap[j] = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, _mm512_add_epi32(k16, _mm512_set1_epi32((int)j)),
+                                              (const float *)w + ch * L, 4);
+    }
+    int64_t row = b * 3 * d, srow = b * (L - 1) * d;
+    __m512 y = rnd(_mm512_mul_ps(ldv(m, bcx, row + ch, bf), ldv(m, bcx, row + 2 * d + ch, bf)), bf);
+    if (zero) y = rnd(_mm512_mul_ps(y, _mm512_setzero_ps()), bf);
+    __m512 z = _mm512_setzero_ps(), sj[4];
+    for (int64_t j = 0; j < L - 1; j++) {
+        sj[j] = ldv(m, st, srow + j * d + ch, bf);
+        z = _mm512_add_ps(z, rnd(_mm512_mul_ps(sj[j], tap[j]), bf));
+    }
+    z = rnd(_mm512_add_ps(z, rnd(_mm512_mul_ps(y, tap[L - 1]), bf)), bf);
+    if (bias) z = rnd(_mm512_add_ps(z, ldv(m, bias, ch, bf)), bf);
+    for (int64_t j = 0; j + 1 < L - 1; j++) stv(m, st, srow + j * d + ch, sj[j + 1], bf);
+    if (L > 1) stv(m, st, srow + (L - 2) * d + ch, y, bf);
+    stv(m, out, b * d + ch, _mm512_mul_ps(ldv(m, bcx, row + d + ch, bf), z), bf);
+}
+
 void zoo_conv_step(const void *bcx, void *st, const void *w, const void *bias, const uint8_t *keep, void *out,
                    int bf, int64_t B, int64_t d, int64_t L) {
+    if (L >= 1 && L <= 4) { /* LFM2 (L = 3): 16 channels per step */
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t ch = 0; ch < d; ch += 16) {
+                int n = d - ch >= 16 ? 16 : (int)(d - ch);
+                conv_step16(bcx, st, w, bias, keep && !keep[b], out, bf, b, d, L, ch,
+                            n == 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1), n);
+            }
+        return;
+    }
 #define RD(p, i) (bf ? from_bf16(((const uint16_t *)(p))[i]) : ((const float *)(p))[i])
 #define RND(v) (bf ? from_bf16(to_bf16(v)) : (v))
 #define WR(p, i, v) do { if (bf) ((uint16_t *)(p))[i] = to_bf16(v); else ((float *)(p))[i] = (v); } while (0)
