@@ -243,11 +243,14 @@ static inline void weighted_rows(const char *vb, int bf, int64_t hd, int64_t S, 
 typedef struct { const void *q, *k, *v; void *o; const uint8_t *keep; int bf; int64_t B, H, KVH, S, hd, sb, sh;
                  float scale; } attn_t;
 
-/* Two query heads of one kv head (h, h + 1), sharing every key / value load and its bf16 widening: scores 8 keys x
-   2 heads at a time through one 16-sum tree, then one pass over the values for both. */
+/* Two query heads of one kv head (h, h + 1), sharing every key / value load and its bf16 widening, in ONE pass over
+   the cache: per block of 8 keys, the 8 x 2 scores through one 16-sum tree, then the block's values weighted at once
+   (online softmax: a running maximum per head; sums and outputs rescaled when it grows). Keys and values stream
+   together, so the memory reads overlap the arithmetic of the block before. fp32 throughout, one rounding at the end. */
 static inline void attn_pair(const attn_t *A, int64_t b, int64_t h, float *sa, float *sb_, int NV, __mmask16 tail) {
+    (void)sa; (void)sb_;
     int bf = A->bf;
-    int64_t H = A->H, S = A->S, hd = A->hd, g = h / (A->H / A->KVH), es = bf ? 2 : 4;
+    int64_t H = A->H, S = A->S, hd = A->hd, g = h / (A->H / A->KVH), es = bf ? 2 : 4, rb = hd * es;
     const char *kb = (const char *)A->k + (b * A->sb + g * A->sh) * es;
     const char *vb = (const char *)A->v + (b * A->sb + g * A->sh) * es;
     __m512 qa[ATT_MAXV], qb[ATT_MAXV], aa[ATT_MAXV], ab[ATT_MAXV];
@@ -256,16 +259,20 @@ static inline void attn_pair(const attn_t *A, int64_t b, int64_t h, float *sa, f
         const char *qa_p = (const char *)A->q + ((b * H + h) * hd + i * 16) * es, *qb_p = qa_p + hd * es;
         qa[i] = bf ? ldm_bf16(mk, qa_p) : ldm_f32(mk, qa_p);
         qb[i] = bf ? ldm_bf16(mk, qb_p) : ldm_f32(mk, qb_p);
+        aa[i] = ab[i] = _mm512_setzero_ps();
     }
-    float mxa = -INFINITY, mxb = -INFINITY;
+    float ma = -INFINITY, mb = -INFINITY, suma = 0.0f, sumb = 0.0f;
     for (int64_t j0 = 0; j0 < S; j0 += 8) {
         int64_t nj = S - j0 < 8 ? S - j0 : 8;
         __m512 part[16];
         for (int64_t jj = 0; jj < 8; jj++) {
             __m512 x0 = _mm512_setzero_ps(), x1 = x0;
             if (jj < nj) {
-                const char *row = kb + (j0 + jj) * hd * es;
-                _mm_prefetch(row + 32 * hd * es, _MM_HINT_T0);
+                const char *row = kb + (j0 + jj) * rb;
+                for (int64_t l = 0; l < rb; l += 64) {
+                    _mm_prefetch(row + 32 * rb + l, _MM_HINT_T0);
+                    _mm_prefetch(vb + (j0 + jj + 32) * rb + l, _MM_HINT_T0);
+                }
                 for (int i = 0; i < NV; i++) {
                     __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
                     __m512 kv = bf ? ldm_bf16(mk, row + i * 32) : ldm_f32(mk, row + i * 64);
@@ -276,43 +283,48 @@ static inline void attn_pair(const attn_t *A, int64_t b, int64_t h, float *sa, f
             part[jj] = x0;
             part[8 + jj] = x1;
         }
-        float sc[16];
-        _mm512_storeu_ps(sc, _mm512_mul_ps(hsum16(part), _mm512_set1_ps(A->scale)));
+        /* lanes 0-7: head h's scores of keys j0.., lanes 8-15: head h + 1's */
+        __m512 x = _mm512_mul_ps(hsum16(part), _mm512_set1_ps(A->scale));
+        __mmask16 live = (__mmask16)((1u << nj) - 1);
+        live |= (__mmask16)(live << 8);
+        if (A->keep) {
+            __m128i kp = _mm_maskz_loadu_epi8((__mmask16)((1u << nj) - 1), A->keep + b * S + j0);
+            __mmask16 seen = (__mmask16)_mm_test_epi8_mask(kp, kp) & 0xff;
+            live &= (__mmask16)(seen | (seen << 8));
+        }
+        if (!live) continue;
+        float ba = _mm512_mask_reduce_max_ps(live & 0x00ff, x), bb = _mm512_mask_reduce_max_ps(live & 0xff00, x);
+        float na = ba > ma ? ba : ma, nb = bb > mb ? bb : mb;
+        if (na > ma && ma > -INFINITY) { /* a larger maximum: what was summed so far shrinks by exp(old - new) */
+            float c = expf(ma - na);
+            suma *= c;
+            for (int i = 0; i < NV; i++) aa[i] = _mm512_mul_ps(aa[i], _mm512_set1_ps(c));
+        }
+        if (nb > mb && mb > -INFINITY) {
+            float c = expf(mb - nb);
+            sumb *= c;
+            for (int i = 0; i < NV; i++) ab[i] = _mm512_mul_ps(ab[i], _mm512_set1_ps(c));
+        }
+        ma = na;
+        mb = nb;
+        __m512 mv = _mm512_mask_mov_ps(_mm512_set1_ps(na), 0xff00, _mm512_set1_ps(nb));
+        __m512 e = _mm512_maskz_mov_ps(live, exp512(_mm512_sub_ps(x, mv))); /* masked keys: exactly 0 */
+        suma += _mm512_mask_reduce_add_ps(0x00ff, e);
+        sumb += _mm512_mask_reduce_add_ps(0xff00, e);
+        float p[16];
+        _mm512_storeu_ps(p, e);
         for (int64_t jj = 0; jj < nj; jj++) {
-            float xa = sc[jj], xb = sc[8 + jj];
-            if (A->keep && !A->keep[b * S + j0 + jj]) xa = xb = -INFINITY;
-            sa[j0 + jj] = xa;
-            sb_[j0 + jj] = xb;
-            if (xa > mxa) mxa = xa;
-            if (xb > mxb) mxb = xb;
+            const char *row = vb + (j0 + jj) * rb;
+            __m512 pa = _mm512_set1_ps(p[jj]), pb = _mm512_set1_ps(p[8 + jj]);
+            for (int i = 0; i < NV; i++) {
+                __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
+                __m512 vv = bf ? ldm_bf16(mk, row + i * 32) : ldm_f32(mk, row + i * 64);
+                aa[i] = _mm512_fmadd_ps(pa, vv, aa[i]);
+                ab[i] = _mm512_fmadd_ps(pb, vv, ab[i]);
+            }
         }
     }
-    float inv[2];
-    for (int w = 0; w < 2; w++) {
-        float *sc = w ? sb_ : sa;
-        __m512 mv = _mm512_set1_ps(w ? mxb : mxa), sum = _mm512_setzero_ps();
-        for (int64_t j = 0; j < S; j += 16) { /* masked keys: exactly 0 */
-            __mmask16 mk = S - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (S - j)) - 1);
-            __m512 x = _mm512_maskz_loadu_ps(mk, sc + j);
-            mk &= _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-            __m512 e = _mm512_maskz_mov_ps(mk, exp512(_mm512_sub_ps(x, mv)));
-            _mm512_storeu_ps(sc + j, e);
-            sum = _mm512_add_ps(sum, e);
-        }
-        inv[w] = 1.0f / _mm512_reduce_add_ps(sum);
-    }
-    for (int i = 0; i < NV; i++) aa[i] = ab[i] = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; j++) {
-        const char *row = vb + j * hd * es;
-        _mm_prefetch(row + 32 * hd * es, _MM_HINT_T0);
-        __m512 pa = _mm512_set1_ps(sa[j]), pb = _mm512_set1_ps(sb_[j]);
-        for (int i = 0; i < NV; i++) {
-            __mmask16 mk = i == NV - 1 ? tail : (__mmask16)0xffff;
-            __m512 vv = bf ? ldm_bf16(mk, row + i * 32) : ldm_f32(mk, row + i * 64);
-            aa[i] = _mm512_fmadd_ps(pa, vv, aa[i]);
-            ab[i] = _mm512_fmadd_ps(pb, vv, ab[i]);
-        }
-    }
+    float inv[2] = {1.0f / suma, 1.0f / sumb};
     for (int w = 0; w < 2; w++)
         for (int i = 0; i < NV; i++) {
             float of[16];
