@@ -789,7 +789,7 @@ def _record_stack(module: nn.Module, dtype: torch.dtype, lm: nn.Module | None = 
 
 def _record_stack_once(module: nn.Module, dtype: torch.dtype, lm: nn.Module | None = None) -> StepProgram:
     """The decode step of ``module``'s layer stack and final norm (``prog.x`` in, ``prog.y`` out); with ``lm`` (the
-    causal LM around it) from a token id to ``prog.logits``: its embedding row first, the head last."""
+    causal LM around it) from a token id to logits: its embedding row first, the head last (see record_head)."""
     prog = StepProgram(dtype)
     d = module.config.hidden_size
     prog.x, prog.y = prog.buffer(d), prog.buffer(d)
