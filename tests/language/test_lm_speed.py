@@ -142,12 +142,13 @@ def test_token_to_logits_program_matches_the_step_path_and_steps_aside(pair, cou
     fast, _ = pair
     ids = torch.randint(1, 96, (1, 6), generator=torch.Generator().manual_seed(8))
     untied = HybridLM(HybridConfig(**{**TINY, "tie_word_embeddings": False})).eval()
+    int8 = []
     for m in (copy.deepcopy(fast), untied):
         for dtype in ("fp32", "bf16", "int8"):
             if dtype == "bf16":
                 m.to(torch.bfloat16)
             elif dtype == "int8":
-                quantize_int8_(m)
+                int8.append(quantize_int8_(m))
             before = counted["program"]
             got = _step_logits(m.set_decode_path("fast"), ids, steps=5)
             assert counted["program"] == before + 5 and m._zoo_program[1] is not None, dtype
@@ -164,6 +165,17 @@ def test_token_to_logits_program_matches_the_step_path_and_steps_aside(pair, cou
     assert prog.ops[-1][0] == _OPS["warm"] and prog.ops[-1][2] == len(lines)
     for t in (m.model.embed_tokens.weight, m.lm_head.qweight, m.model.layers[1].feed_forward.w2.qweight):
         assert id(t) & ~63 in lines and t._cdata & ~63 in lines
+    for q in int8:  # scales (the program reads bf16 copies) edited in place: the tied embedding's (lookup and
+        attn = q.model.layers[1].self_attn  # head) or the untied head's, a packed k and a lone projection's
+        want, prog = _step_logits(q.set_decode_path("fast"), ids, steps=3), q._zoo_program[1]
+        assert attn.k_proj.scale._base is attn.q_proj.scale._base is not None  # (views of the packed scales)
+        with torch.no_grad():
+            for t in (q.model.embed_tokens if q.lm_head is None else q.lm_head).scale, attn.k_proj.scale, \
+                    attn.out_proj.scale:
+                t.mul_(1.5)
+        changed = _step_logits(q, ids, steps=3)
+        assert not torch.allclose(changed, want) and q._zoo_program[1] is not prog  # recorded again
+        assert torch.equal(changed, _step_logits(q.set_decode_path("step"), ids, steps=3))
     m = copy.deepcopy(fast).set_decode_path("fast")
     want = _step_logits(m, ids, steps=3)
     with torch.no_grad():  # the tied embedding replaced: both the lookup and the head follow

@@ -695,7 +695,7 @@ def record_linear(prog: StepProgram, owner: nn.Module, name: str, x: torch.Tenso
     prog.weight_slots.append((lin, "qweight" if isinstance(lin, Int8Linear) else "weight"))
     if isinstance(lin, Int8Linear):
         prog.watch(lin, "qweight", "scale", "bias")
-        prog.linear(x, lin.qweight, out, scale=_scale_in(lin, lin.scale, prog.dtype), bias=lin.bias)
+        prog.linear(x, lin.qweight, out, scale=_program_scale(prog, lin, lin.scale), bias=lin.bias)
     elif isinstance(lin, nn.Linear):
         prog.watch(lin, "weight", "bias")
         prog.linear(x, lin.weight.detach(), out, bias=None if lin.bias is None else lin.bias.detach())
@@ -717,7 +717,7 @@ def record_packed(prog: StepProgram, module: nn.Module, name: str, x: torch.Tens
     w, extra = pk.tensors(parts)
     out = prog.scratch(("packed", name), pk.rows)
     if pk.int8:
-        prog.linear(x, w, out, scale=_scale_in(parts[0], extra, prog.dtype))
+        prog.linear(x, w, out, scale=_program_scale(prog, parts[0], extra, parts[0].scale))
     else:
         prog.linear(x, w, out, bias=extra)
     return list(out.split(pk.sizes))
@@ -742,7 +742,7 @@ def record_embedding(prog: StepProgram, decoder: nn.Module, out: torch.Tensor) -
         table, scale = emb.weight.detach(), None
     elif type(emb) is Int8Embedding and emb.dtype is prog.dtype:
         prog.watch(emb, "qweight", "scale")
-        table, scale = emb.qweight, _scale_in(emb, emb.scale, prog.dtype)
+        table, scale = emb.qweight, _program_scale(prog, emb, emb.scale)
     else:
         raise NotProgrammable(f"{type(emb).__name__} embedding")
     prog.token_word, prog.vocab = prog.dynamic(1), table.shape[0]
@@ -759,7 +759,7 @@ def record_head(prog: StepProgram, lm: nn.Module, h: torch.Tensor) -> None:
     if head is not None:
         prog.watch(head, *(("qweight", "scale", "bias") if type(head) is Int8Linear else ("weight", "bias")))
         if type(head) is Int8Linear and head.bias is None:
-            prog.linear(h, head.qweight, size, scale=_scale_in(head, head.scale, prog.dtype), out_word=prog.logits_word)
+            prog.linear(h, head.qweight, size, scale=_program_scale(prog, head, head.scale), out_word=prog.logits_word)
         elif isinstance(head, nn.Linear) and head.bias is None:
             prog.linear(h, head.weight.detach(), size, out_word=prog.logits_word)
         else:
@@ -767,7 +767,7 @@ def record_head(prog: StepProgram, lm: nn.Module, h: torch.Tensor) -> None:
         return
     emb = lm.model.embed_tokens  # (watched by record_embedding)
     if type(emb) is Int8Embedding:
-        prog.linear(h, emb.qweight, size, scale=_scale_in(emb, emb.scale, prog.dtype), out_word=prog.logits_word)
+        prog.linear(h, emb.qweight, size, scale=_program_scale(prog, emb, emb.scale), out_word=prog.logits_word)
     else:
         prog.linear(h, emb.weight.detach(), size, out_word=prog.logits_word)
 
@@ -1930,6 +1930,15 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.detach().float()
     scale = w.abs().amax(1).clamp_min(1e-12) / 127.0
     return (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+def _program_scale(prog: StepProgram, owner: nn.Module, scale: torch.Tensor, watched: torch.Tensor | None = None):
+    """:func:`_scale_in` for a program: a converted copy is recorded again once ``watched`` (default ``scale``; the
+    child's own buffer where ``scale`` is a packed view) is edited in place (they share one version counter)."""
+    out = _scale_in(owner, scale, prog.dtype)
+    if out is not scale:
+        prog.watch_version(scale if watched is None else watched)
+    return out
 
 
 def _scale_in(owner: nn.Module, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

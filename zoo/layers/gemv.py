@@ -1895,6 +1895,7 @@ class StepProgram:
         self.ndyn = 2
         self.watches: list[tuple[dict, str, Any]] = []  # (holder dict, attribute, weakref to the module or None)
         self.tensor_watches: list[tuple[dict, str, int]] = []  # (holder dict, attribute, tensor address)
+        self.version_watches: list[tuple[Any, int]] = []  # (weakref to a tensor, its version when recorded)
         self.weight_slots: list[tuple[Any, str]] = []  # (owner, attribute) of the matrices, in the order they are read
         self.memo: dict[Any, Any] = {}  # what layers share (scratch buffers, RoPE words)
 
@@ -1926,6 +1927,13 @@ class StepProgram:
                 self.tensor_watches.append((holder, name, v.data_ptr()))  # is freed: its address differs)
             else:  # a module (or None), by weak reference: the program must not keep replaced layers alive
                 self.watches.append((holder, name, None if v is None else weakref.ref(v)))
+
+    def watch_version(self, t: torch.Tensor) -> None:
+        """Record ``t``'s in-place version: :meth:`valid` turns False once it is edited in place. For a tensor the
+        program reads through a derived copy (an int8 scale converted to the activation dtype), which an in-place
+        edit of ``t`` would not reach. Inference tensors keep no version (and are edited only in inference mode)."""
+        if not t.is_inference():
+            self.version_watches.append((weakref.ref(t), t._version))
 
     def _ptr(self, t: torch.Tensor | None, hold: bool = True) -> int:
         """The address of ``t``; ``hold=False`` for weights a module owns and the layer watches (the program must not
@@ -2061,6 +2069,10 @@ class StepProgram:
         for entry in self.watches:
             for o in (*entry, entry):
                 span(id(o), 64)
+        span(id(self.version_watches), 32 + 8 * len(self.version_watches))
+        for entry in self.version_watches:  # (their tensors are watched by name too: the loop below adds them)
+            span(id(entry), 64)
+            span(id(entry[0]), 64)
         for entry in self.tensor_watches:
             holder, name, _ = entry
             t = holder.get(name)
@@ -2078,6 +2090,7 @@ class StepProgram:
         import ctypes
 
         self.watches, self.tensor_watches = tuple(self.watches), tuple(self.tensor_watches)  # (items inline)
+        self.version_watches = tuple(self.version_watches)
         warm = self._warm_addresses()
         self.warm_lines = torch.tensor(warm, dtype=torch.int64)
         if warm:  # last: the weights have just streamed through every cache, and valid() runs first next step
@@ -2089,7 +2102,8 @@ class StepProgram:
 
     # --------------------------------------------------------------- running
     def valid(self) -> bool:
-        """False once a watched submodule or weight was replaced or moved (see :meth:`watch`)."""
+        """False once a watched submodule or weight was replaced or moved (see :meth:`watch`), or a tensor read
+        through a copy was edited in place (:meth:`watch_version`)."""
         # (checked every step, right after the weights streamed through the caches: kept to dict lookups and one
         # data_ptr call per weight, ~0.1-0.3 ms for a 350M model)
         for holder, name, ref in self.watches:
@@ -2099,6 +2113,10 @@ class StepProgram:
         for holder, name, ptr in self.tensor_watches:
             v = holder.get(name)
             if v is None or v.data_ptr() != ptr:
+                return False
+        for ref, version in self.version_watches:
+            t = ref()
+            if t is None or t._version != version:
                 return False
         return True
 
