@@ -176,6 +176,10 @@ def test_token_to_logits_program_matches_the_step_path_and_steps_aside(pair, cou
         changed = _step_logits(q, ids, steps=3)
         assert not torch.allclose(changed, want) and q._zoo_program[1] is not prog  # recorded again
         assert torch.equal(changed, _step_logits(q.set_decode_path("step"), ids, steps=3))
+    with torch.inference_mode():  # quantized under inference_mode (scales without a version counter): same path
+        q = quantize_int8_(copy.deepcopy(fast))
+    want = _step_logits(quantize_int8_(copy.deepcopy(fast)), ids, steps=3)
+    assert torch.equal(_step_logits(q.set_decode_path("fast"), ids, steps=3), want) and q._zoo_program[1] is not None
     m = copy.deepcopy(fast).set_decode_path("fast")
     want = _step_logits(m, ids, steps=3)
     with torch.no_grad():  # the tied embedding replaced: both the lookup and the head follow

@@ -283,6 +283,11 @@ def test_head_row_norms_are_kept_between_tokens_and_follow_weight_changes(model)
         close(m.forward_head(h), want(h))
         m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight * torch.rand(64, 1))  # replaced
         close(m.forward_head(h), want(h))
+    q = copy.deepcopy(m)
+    with torch.inference_mode():  # a head converted under inference_mode (no version counter) works the same
+        q.lm_head.weight = torch.nn.Parameter(q.lm_head.weight * 2)
+        w = q.lm_head.weight
+        close(q.forward_head(h), h @ w.t() / w.float().norm(dim=1).clamp_min(1e-12))
     m.train()
     m.zero_grad()
     m(ids).float().logsumexp(-1).mean().backward()

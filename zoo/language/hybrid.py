@@ -1945,7 +1945,8 @@ def _scale_in(owner: nn.Module, scale: torch.Tensor, dtype: torch.dtype) -> torc
     """``scale.to(dtype)`` (what the int8 kernels take), kept on ``owner`` until the scale tensor changes."""
     if scale.dtype is dtype:
         return scale
-    key = (scale.data_ptr(), scale._version, scale.shape[0], dtype)
+    version = None if scale.is_inference() else scale._version  # (made under inference_mode: no version kept)
+    key = (scale.data_ptr(), version, scale.shape[0], dtype)
     memo = owner.__dict__.get("_zoo_scale")
     if memo is None or memo[0] != key:
         memo = owner.__dict__["_zoo_scale"] = (key, scale.to(dtype))

@@ -263,7 +263,7 @@ def head_row_norms(head: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     w = head.weight
     if torch.is_grad_enabled() and w.requires_grad:
         return w.float().norm(dim=1).to(dtype).clamp_min(1e-12)
-    key = (w.data_ptr(), w._version, w.shape, dtype)
+    key = (w.data_ptr(), None if w.is_inference() else w._version, w.shape, dtype)  # (inference tensors: no version)
     memo = head.__dict__.get("_zoo_row_norms")
     if memo is None or memo[0] != key:
         with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor: autograd may use it later
